@@ -1,0 +1,119 @@
+//! The one error type of the HTTP API and its JSON shape:
+//! `{"error":{"code":"...","message":"...","details":[...]}}`. Codes are stable; clients branch on
+//! them, never on messages.
+
+use crate::domain::FieldError;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    MalformedJson(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed on this resource")]
+    MethodNotAllowed,
+    #[error("request body is larger than 1 MiB")]
+    PayloadTooLarge,
+    #[error("request body must be JSON (Content-Type: application/json)")]
+    UnsupportedMediaType,
+    #[error("{message}")]
+    Validation {
+        message: String,
+        details: Vec<FieldError>,
+    },
+    #[error("{0}")]
+    NotReady(String),
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    pub fn validation(message: impl Into<String>, details: Vec<FieldError>) -> ApiError {
+        ApiError::Validation {
+            message: message.into(),
+            details,
+        }
+    }
+
+    /// A validation error about one field.
+    pub fn invalid_field(field: &str, message: impl Into<String>) -> ApiError {
+        let detail = FieldError::new(field, message);
+        ApiError::validation(format!("{} {}", detail.field, detail.message), vec![detail])
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::MalformedJson(_) => "malformed_json",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::Validation { .. } => "validation_failed",
+            ApiError::NotReady(_) => "not_ready",
+            ApiError::Internal => "internal",
+        }
+    }
+
+    /// The body's `error` object.
+    pub fn body(&self) -> ErrorBody {
+        let details = match self {
+            ApiError::Validation { details, .. } if !details.is_empty() => Some(details.clone()),
+            _ => None,
+        };
+        ErrorBody {
+            code: self.code(),
+            message: self.to_string(),
+            details,
+        }
+    }
+}
+
+/// `{"code","message","details"?}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `validation_failed`.
+    #[schema(value_type = String, example = "validation_failed")]
+    pub code: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+    /// For validation errors: one entry per bad field.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<Vec<FieldError>>,
+}
+
+/// The envelope every error response has.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorBody,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = (status, Json(ErrorResponse { error: self.body() })).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,95 @@
+//! Request extractors that turn every kind of bad input into an [`ApiError`] with the right code:
+//! wrong media type (415), too large (413), not JSON at all (400), JSON of the wrong shape (422).
+
+use super::error::ApiError;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use serde::de::DeserializeOwned;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// A JSON request body decoded as `T`.
+pub struct JsonBody<T>(pub T);
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let mime = value.split(';').next().unwrap_or("").trim();
+    if mime.eq_ignore_ascii_case("application/json") {
+        return true;
+    }
+    let mime = mime.to_ascii_lowercase();
+    mime.starts_with("application/") && mime.ends_with("+json")
+}
+
+/// Maps a serde_json error to 400 (not JSON) or 422 (JSON, but not the expected shape).
+pub fn json_error(e: serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Data => ApiError::validation(format!("request body has the wrong shape: {e}"), vec![]),
+        Category::Syntax | Category::Eof | Category::Io => {
+            ApiError::MalformedJson(format!("request body is not valid JSON: {e}"))
+        }
+    }
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        if !is_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::MalformedJson(format!("could not read the request body: {rejection}"))
+            }
+        })?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(json_error)
+    }
+}
+
+/// The raw query string decoded as `T` (whose fields are usually `Option<String>`, checked by the
+/// handler so that each bad parameter is named).
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or("");
+        serde_urlencoded::from_str(query)
+            .map(QueryParams)
+            .map_err(|e| ApiError::validation(format!("invalid query string: {e}"), vec![]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn with_type(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn json_media_types() {
+        assert!(is_json(&with_type("application/json")));
+        assert!(is_json(&with_type("Application/JSON; charset=utf-8")));
+        assert!(is_json(&with_type("application/vnd.fleet+json")));
+        assert!(!is_json(&with_type("text/plain")));
+        assert!(!is_json(&with_type("application/x-www-form-urlencoded")));
+        assert!(!is_json(&with_type("+json")));
+        assert!(!is_json(&HeaderMap::new()));
+    }
+}

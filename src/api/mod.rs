@@ -1,0 +1,51 @@
+//! The HTTP API: one file per resource, one error type ([`error::ApiError`]), extractors that map
+//! every bad input to a 4xx, and the per-request observability layer. Nothing below this module
+//! knows about HTTP.
+
+pub mod docs;
+pub mod drivers;
+pub mod error;
+pub mod extract;
+pub mod locations;
+mod observe;
+pub mod ops;
+
+use crate::tracker::Tracker;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use std::sync::Arc;
+use tower_http::catch_panic::CatchPanicLayer;
+use utoipa_swagger_ui::SwaggerUi;
+
+/// What every handler gets.
+#[derive(Clone)]
+pub struct AppState {
+    pub tracker: Arc<Tracker>,
+}
+
+/// The whole application, ready to serve.
+pub fn router(tracker: Arc<Tracker>) -> Router {
+    let state = AppState { tracker };
+    let api = Router::new()
+        .route("/v1/locations", post(locations::post_location))
+        .route("/v1/locations/batch", post(locations::post_batch))
+        .route("/v1/drivers/nearby", get(drivers::nearby))
+        .route("/v1/drivers/{driver_id}", get(drivers::get_driver))
+        .route("/v1/stats", get(ops::stats))
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .with_state(state.clone());
+    Router::new()
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", docs::openapi()))
+        .merge(api)
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
+        .layer(CatchPanicLayer::custom(|_| {
+            use axum::response::IntoResponse;
+            error::ApiError::Internal.into_response()
+        }))
+        .layer(axum::middleware::from_fn_with_state(state, observe::observe))
+}

@@ -1,0 +1,115 @@
+//! Per-request observability: the `X-Request-ID` (the caller's, else a new one) on every response
+//! and in every log line of the request, and the `http_request_duration_seconds` histogram labelled
+//! by route *template*.
+
+use super::AppState;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::Response;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+use tracing::Instrument;
+
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Route templates, so the metric's `route` label is a `&'static str` from a fixed set.
+const ROUTES: &[&str] = &[
+    "/v1/locations",
+    "/v1/locations/batch",
+    "/v1/drivers/nearby",
+    "/v1/drivers/{driver_id}",
+    "/v1/stats",
+    "/health",
+    "/ready",
+    "/metrics",
+    "/openapi.json",
+    "/docs",
+    "/docs/",
+    "/docs/{*rest}",
+];
+
+fn route_label(matched: Option<&MatchedPath>) -> &'static str {
+    matched
+        .and_then(|m| ROUTES.iter().find(|r| **r == m.as_str()))
+        .copied()
+        .unwrap_or("unmatched")
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// A caller's id is kept when it is short printable ASCII; anything else is replaced.
+fn caller_request_id(value: Option<&HeaderValue>) -> Option<HeaderValue> {
+    let value = value?;
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value.as_bytes().iter().all(|b| b.is_ascii_graphic());
+    ok.then(|| value.clone())
+}
+
+/// A new id: a per-process random prefix and a counter, unique without a random draw per request.
+fn new_request_id() -> HeaderValue {
+    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(rand::random);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let text = format!("{prefix:08x}-{n:012x}");
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+pub async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = caller_request_id(request.headers().get(&REQUEST_ID)).unwrap_or_else(new_request_id);
+    let method = method_label(request.method());
+    let route = route_label(request.extensions().get::<MatchedPath>());
+    let span = tracing::info_span!(
+        "request",
+        request_id = id.to_str().unwrap_or(""),
+        method,
+        route
+    );
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    if status.is_server_error() {
+        span.in_scope(|| tracing::error!(status = status.as_u16(), "request failed"));
+    } else {
+        span.in_scope(|| tracing::debug!(status = status.as_u16(), "request done"));
+    }
+    response.headers_mut().insert(REQUEST_ID.clone(), id);
+    state
+        .tracker
+        .metrics()
+        .record_http(method, route, status.as_u16(), started.elapsed());
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caller_ids_are_kept_only_when_sane() {
+        let ok = HeaderValue::from_static("abc-123");
+        assert_eq!(caller_request_id(Some(&ok)), Some(ok));
+        assert_eq!(caller_request_id(Some(&HeaderValue::from_static("has space"))), None);
+        let long = HeaderValue::from_str(&"x".repeat(129)).unwrap();
+        assert_eq!(caller_request_id(Some(&long)), None);
+        assert_eq!(caller_request_id(None), None);
+    }
+
+    #[test]
+    fn new_ids_differ() {
+        assert_ne!(new_request_id(), new_request_id());
+    }
+}

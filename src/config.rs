@@ -1,0 +1,126 @@
+//! Every setting, in one place: a command-line flag, an `FLEET_<FLAG>` environment variable, and a
+//! default. `fleettracker <command> --help` prints this file's doc comments.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fleettracker",
+    version,
+    about = "Real-time fleet location service: latest positions, nearby search, live metrics."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (embedded mode: everything in this process, nothing else to install).
+    Serve(ServeConfig),
+    /// Run virtual drivers that move along a street grid and post positions to a running server.
+    Simulate(SimulateConfig),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address and port to listen on (port 0 picks a free one; the chosen address is printed).
+    #[arg(long, env = "FLEET_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory for the service's data; created if missing.
+    #[arg(long, env = "FLEET_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// A driver with no update for this long disappears from queries (e.g. 60s, 2s, 500ms).
+    #[arg(long, env = "FLEET_DRIVER_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub driver_ttl: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "FLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SimulateConfig {
+    /// Base URL of the server to post to.
+    #[arg(long, env = "FLEET_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+
+    /// Number of virtual drivers.
+    #[arg(long, env = "FLEET_DRIVERS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub drivers: u32,
+
+    /// How often each driver reports its position (closed loop; ignored with --rate).
+    #[arg(long, env = "FLEET_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub interval: Duration,
+
+    /// How long to run.
+    #[arg(long, env = "FLEET_DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Positions per request: 1 posts to /v1/locations, more to /v1/locations/batch (max 1000).
+    #[arg(long, env = "FLEET_BATCH", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub batch: u32,
+
+    /// Fixed open-loop request rate per second; latency is measured from each request's scheduled
+    /// time, so a stalling server cannot hide its queueing delay.
+    #[arg(long, env = "FLEET_RATE")]
+    pub rate: Option<f64>,
+
+    /// Requests in flight at most.
+    #[arg(long, env = "FLEET_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+
+    /// City box the drivers move in: min_lat,min_lon,max_lat,max_lon.
+    #[arg(long, env = "FLEET_CITY", default_value = "31.13,121.35,31.33,121.60")]
+    pub city: String,
+
+    /// Seed for the drivers' routes (the same seed drives the same routes).
+    #[arg(long, env = "FLEET_SEED", default_value_t = 1)]
+    pub seed: u64,
+
+    /// Hide the progress bar (for logs and CI).
+    #[arg(long, env = "FLEET_QUIET")]
+    pub quiet: bool,
+}
+
+/// Parses humantime durations such as `60s`, `2s`, `500ms`, `1h 30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 60s, 500ms, 2m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let cli = Cli::try_parse_from(["fleettracker", "serve"]).unwrap();
+        let Command::Serve(c) = cli.command else {
+            panic!("serve expected")
+        };
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.driver_ttl, Duration::from_secs(60));
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn durations_parse_humantime() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,14 @@
+//! FleetTracker: a real-time location service for fleets.
+//!
+//! Data flows one way: `api` (decode, validate) → `tracker` (apply) → `live` (latest position per
+//! driver, by grid cell). `domain` and `geo` hold the vocabulary and the math and do no I/O.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod geo;
+pub mod live;
+pub mod metrics;
+pub mod server;
+pub mod sim;
+pub mod tracker;

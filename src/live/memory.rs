@@ -1,0 +1,534 @@
+//! The embedded live index: latest position per driver in memory, bucketed by grid cell.
+//!
+//! Layout, chosen for a million drivers on a small machine:
+//! - Drivers are split over [`SHARDS`] shards by a hash of their id, each behind its own `RwLock`, so
+//!   updates to different drivers rarely meet on one lock and never on a global one.
+//! - A shard keeps its drivers in a slab of fixed 64-byte [`Record`]s (chunks of 4,096, so growth
+//!   never copies or doubles the whole slab), a `HashTable<u32>` from id to slot (5 bytes an entry),
+//!   and, per grid cell, a vector of 12-byte [`CellEntry`]s carrying the coordinates and status inline:
+//!   the nearby search ranks candidates without touching their records.
+//! - An update is O(1): find the slot, overwrite the record, and move one cell entry when the driver
+//!   crossed a cell border (swap-remove, fixing the moved entry's back-pointer).
+//! - A search visits rings of cells around the point in order of distance and stops as soon as the
+//!   next ring cannot hold anything nearer than the current `limit`-th result (see [`Search`]).
+//! - Expiry is checked wherever a driver is read, so a silent driver vanishes exactly at its TTL;
+//!   [`MemoryIndex::expire`] reclaims the memory and the counts in the background.
+
+use super::{NearbyHit, NearbyQuery, StatusCounts, Upsert};
+use crate::domain::{DriverId, Micros, Position, Status, StatusSet};
+use crate::geo::{hav_to_meters, meters_to_hav, Cell, Grid, RAD_PER_E6};
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
+use parking_lot::{RwLock, RwLockReadGuard};
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::hash::BuildHasher;
+use std::time::{Duration, Instant};
+
+/// Number of shards (a power of two). Eight keeps per-cell vectors dense enough that their overhead
+/// stays small at a million drivers, while two cores almost never contend on one shard.
+pub const SHARDS: usize = 8;
+const CHUNK: usize = 4096;
+const NOT_IN_GRID: u32 = u32::MAX;
+/// Last-seen times are kept in 10 ms ticks in a wrapping `u32` (497 days before wrap-around; ages are
+/// computed with wrapping arithmetic, and the sweeper removes drivers long before that).
+const TICK_MS: u128 = 10;
+
+/// One driver's latest state. 64 bytes.
+#[derive(Default)]
+struct Record {
+    /// Empty for a free slot.
+    id: DriverId,
+    timestamp: Micros,
+    lat_e6: i32,
+    lon_e6: i32,
+    seen: u32,
+    /// Index of this driver's entry in its cell's vector, or `NOT_IN_GRID` (offline drivers).
+    cell_pos: u32,
+    speed: f32,
+    heading: f32,
+    accuracy: f32,
+    status: u8,
+}
+
+fn opt_to_f32(v: Option<f32>) -> f32 {
+    v.unwrap_or(f32::NAN)
+}
+fn f32_to_opt(v: f32) -> Option<f32> {
+    (!v.is_nan()).then_some(v)
+}
+
+impl Record {
+    fn to_position(&self) -> Position {
+        Position {
+            driver_id: self.id.clone(),
+            lat_e6: self.lat_e6,
+            lon_e6: self.lon_e6,
+            status: Status::from_index(self.status),
+            timestamp: self.timestamp,
+            speed_mps: f32_to_opt(self.speed),
+            heading_deg: f32_to_opt(self.heading),
+            accuracy_m: f32_to_opt(self.accuracy),
+        }
+    }
+}
+
+/// A driver's place in a cell: coordinates and status inline, plus its slot.
+#[derive(Clone, Copy)]
+struct CellEntry {
+    lat_e6: i32,
+    lon_e6: i32,
+    /// `slot << 2 | status`.
+    slot_status: u32,
+}
+
+impl CellEntry {
+    fn new(slot: u32, p: &Position) -> CellEntry {
+        CellEntry {
+            lat_e6: p.lat_e6,
+            lon_e6: p.lon_e6,
+            slot_status: slot << 2 | p.status as u32,
+        }
+    }
+    fn slot(self) -> u32 {
+        self.slot_status >> 2
+    }
+    fn status(self) -> Status {
+        Status::from_index((self.slot_status & 3) as u8)
+    }
+}
+
+#[derive(Default)]
+struct Shard {
+    chunks: Vec<Vec<Record>>,
+    free: Vec<u32>,
+    by_id: HashTable<u32>,
+    cells: HashMap<u64, Vec<CellEntry>>,
+    counts: [u64; 3],
+}
+
+/// Ages and TTL in ticks.
+#[derive(Clone, Copy)]
+struct Freshness {
+    now: u32,
+    ttl: u32,
+}
+
+impl Freshness {
+    fn is_live(self, seen: u32) -> bool {
+        self.now.wrapping_sub(seen) < self.ttl
+    }
+}
+
+impl Shard {
+    fn record(&self, slot: u32) -> &Record {
+        &self.chunks[slot as usize / CHUNK][slot as usize % CHUNK]
+    }
+
+    fn record_mut(&mut self, slot: u32) -> &mut Record {
+        &mut self.chunks[slot as usize / CHUNK][slot as usize % CHUNK]
+    }
+
+    fn find(&self, hash: u64, id: &str) -> Option<u32> {
+        self.by_id
+            .find(hash, |&slot| self.record(slot).id == id)
+            .copied()
+    }
+
+    fn allocate(&mut self) -> u32 {
+        if let Some(slot) = self.free.pop() {
+            return slot;
+        }
+        if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
+            self.chunks.push(Vec::with_capacity(CHUNK));
+        }
+        let full = (self.chunks.len() - 1) * CHUNK;
+        let last = self.chunks.last_mut().expect("a chunk was just ensured");
+        last.push(Record::default());
+        (full + last.len() - 1) as u32
+    }
+
+    fn upsert(&mut self, hash: u64, p: &Position, fresh: Freshness, hasher: &DefaultHashBuilder) -> Upsert {
+        let slot = match self.find(hash, &p.driver_id) {
+            Some(slot) => {
+                let rec = self.record(slot);
+                if fresh.is_live(rec.seen) && p.timestamp < rec.timestamp {
+                    return Upsert::Stale;
+                }
+                let old_status = rec.status as usize;
+                self.counts[old_status] -= 1;
+                slot
+            }
+            None => {
+                let slot = self.allocate();
+                let rec = self.record_mut(slot);
+                rec.id = p.driver_id.clone();
+                rec.cell_pos = NOT_IN_GRID;
+                let chunks = &self.chunks;
+                self.by_id.insert_unique(hash, slot, |&s| {
+                    hasher.hash_one(chunks[s as usize / CHUNK][s as usize % CHUNK].id.as_str())
+                });
+                slot
+            }
+        };
+        self.place(slot, p);
+        let rec = self.record_mut(slot);
+        rec.lat_e6 = p.lat_e6;
+        rec.lon_e6 = p.lon_e6;
+        rec.timestamp = p.timestamp;
+        rec.status = p.status as u8;
+        rec.seen = fresh.now;
+        rec.speed = opt_to_f32(p.speed_mps);
+        rec.heading = opt_to_f32(p.heading_deg);
+        rec.accuracy = opt_to_f32(p.accuracy_m);
+        self.counts[p.status as usize] += 1;
+        Upsert::Applied
+    }
+
+    /// Moves `slot`'s cell entry to where `p` says it is (before its record is overwritten).
+    fn place(&mut self, slot: u32, p: &Position) {
+        let rec = self.record(slot);
+        let old_pos = rec.cell_pos;
+        let old_cell = Cell::of(rec.lat_e6, rec.lon_e6);
+        let new_cell = Cell::of(p.lat_e6, p.lon_e6);
+        let indexed = p.status != Status::Offline;
+        if old_pos != NOT_IN_GRID {
+            if indexed && old_cell == new_cell {
+                if let Some(entry) = self
+                    .cells
+                    .get_mut(&new_cell.key())
+                    .and_then(|v| v.get_mut(old_pos as usize))
+                {
+                    *entry = CellEntry::new(slot, p);
+                }
+                return;
+            }
+            self.remove_from_cell(old_cell.key(), old_pos);
+        }
+        let new_pos = if indexed {
+            let entries = self.cells.entry(new_cell.key()).or_default();
+            entries.push(CellEntry::new(slot, p));
+            (entries.len() - 1) as u32
+        } else {
+            NOT_IN_GRID
+        };
+        self.record_mut(slot).cell_pos = new_pos;
+    }
+
+    fn remove_from_cell(&mut self, key: u64, pos: u32) {
+        let Some(entries) = self.cells.get_mut(&key) else {
+            return;
+        };
+        entries.swap_remove(pos as usize);
+        let moved = entries.get(pos as usize).map(|e| e.slot());
+        if entries.is_empty() {
+            self.cells.remove(&key);
+        } else if entries.capacity() > 16 && entries.len() < entries.capacity() / 4 {
+            entries.shrink_to(entries.capacity() / 2);
+        }
+        if let Some(moved) = moved {
+            self.record_mut(moved).cell_pos = pos;
+        }
+    }
+
+    /// Removes every driver whose TTL ran out; returns how many.
+    fn expire(&mut self, fresh: Freshness, hasher: &DefaultHashBuilder) -> usize {
+        let mut removed = 0;
+        for slot in 0..(self.chunks.len() * CHUNK) as u32 {
+            let Some(rec) = self
+                .chunks
+                .get(slot as usize / CHUNK)
+                .and_then(|c| c.get(slot as usize % CHUNK))
+            else {
+                break;
+            };
+            if rec.id.is_empty() || fresh.is_live(rec.seen) {
+                continue;
+            }
+            let hash = hasher.hash_one(rec.id.as_str());
+            let (cell, pos, status) = (Cell::of(rec.lat_e6, rec.lon_e6), rec.cell_pos, rec.status);
+            if pos != NOT_IN_GRID {
+                self.remove_from_cell(cell.key(), pos);
+            }
+            if let Ok(entry) = self.by_id.find_entry(hash, |&s| s == slot) {
+                entry.remove();
+            }
+            self.counts[status as usize] -= 1;
+            *self.record_mut(slot) = Record::default();
+            self.free.push(slot);
+            removed += 1;
+        }
+        removed
+    }
+}
+
+/// The embedded live index. Cheap to share behind an `Arc`; every method takes `&self`.
+pub struct MemoryIndex {
+    shards: Box<[RwLock<Shard>]>,
+    hasher: DefaultHashBuilder,
+    epoch: Instant,
+    ttl_ticks: u32,
+}
+
+impl MemoryIndex {
+    /// An empty index whose drivers disappear after `ttl` without an update.
+    pub fn new(ttl: Duration) -> MemoryIndex {
+        let ttl_ticks = ttl.as_millis().div_ceil(TICK_MS).clamp(1, u32::MAX as u128 / 2) as u32;
+        MemoryIndex {
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
+            hasher: DefaultHashBuilder::default(),
+            epoch: Instant::now(),
+            ttl_ticks,
+        }
+    }
+
+    fn freshness(&self, now: Instant) -> Freshness {
+        let ticks = now.saturating_duration_since(self.epoch).as_millis() / TICK_MS;
+        Freshness {
+            now: ticks as u32, // wraps by design
+            ttl: self.ttl_ticks,
+        }
+    }
+
+    fn locate(&self, id: &str) -> (u64, &RwLock<Shard>) {
+        let hash = self.hasher.hash_one(id);
+        // Bits 32.. pick the shard: the table inside uses the low bits for buckets and the top 7 for
+        // tags, so the shard choice does not thin out either.
+        (hash, &self.shards[(hash >> 32) as usize % SHARDS])
+    }
+
+    /// Makes `p` the driver's latest position unless the driver already has a newer one.
+    pub fn upsert(&self, p: &Position, now: Instant) -> Upsert {
+        let (hash, shard) = self.locate(&p.driver_id);
+        shard.write().upsert(hash, p, self.freshness(now), &self.hasher)
+    }
+
+    /// The driver's latest position, if it reported within the TTL.
+    pub fn get(&self, id: &str, now: Instant) -> Option<Position> {
+        let (hash, shard) = self.locate(id);
+        let shard = shard.read();
+        let rec = shard.record(shard.find(hash, id)?);
+        self.freshness(now)
+            .is_live(rec.seen)
+            .then(|| rec.to_position())
+    }
+
+    /// Drivers by status, including those past their TTL that the sweeper has not removed yet.
+    pub fn counts(&self) -> StatusCounts {
+        let mut counts = StatusCounts::default();
+        for shard in self.shards.iter() {
+            let shard = shard.read();
+            for status in Status::ALL {
+                counts.add(status, shard.counts[status as usize]);
+            }
+        }
+        counts
+    }
+
+    /// Removes drivers whose TTL ran out, one shard at a time; returns how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let fresh = self.freshness(now);
+        self.shards
+            .iter()
+            .map(|s| s.write().expire(fresh, &self.hasher))
+            .sum()
+    }
+
+    /// The `limit` nearest live drivers within the radius whose status matches, nearest first.
+    pub fn nearby(&self, q: &NearbyQuery, now: Instant) -> Vec<NearbyHit> {
+        let guards: Vec<RwLockReadGuard<'_, Shard>> = self.shards.iter().map(|s| s.read()).collect();
+        let mut search = Search::new(q, &guards, self.freshness(now));
+        search.run();
+        search.into_hits()
+    }
+}
+
+/// A candidate in the result heap, ordered by haversine (the heap's top is the farthest kept).
+#[derive(Clone, Copy, PartialEq)]
+struct Candidate {
+    hav: f64,
+    shard: u8,
+    slot: u32,
+}
+
+impl Eq for Candidate {}
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.hav.total_cmp(&other.hav)
+    }
+}
+
+/// One nearby search over read-locked shards.
+///
+/// Rings of cells are visited outwards from the point's cell. A cell is scanned only if its lower
+/// bound ([`crate::geo::CellBounds::min_hav`]) can beat the current bound (the radius, or the
+/// `limit`-th best so far once the heap is full). The search ends after a ring whose every cell is
+/// beyond the bound: any point outside the rings visited is at least as far as some cell of the last
+/// ring, since the great circle to it crosses that ring. When the rings would visit more cells than
+/// are occupied in the whole index (sparse data, huge radius, near the poles) it scans the occupied
+/// cells instead, so the cost is bounded by the smaller of the two.
+struct Search<'a> {
+    shards: &'a [RwLockReadGuard<'a, Shard>],
+    fresh: Freshness,
+    lat: f64,
+    lon: f64,
+    cos_lat: f64,
+    lat_e6: i32,
+    lon_e6: i32,
+    radius_hav: f64,
+    limit: usize,
+    statuses: StatusSet,
+    heap: BinaryHeap<Candidate>,
+}
+
+impl<'a> Search<'a> {
+    fn new(q: &NearbyQuery, shards: &'a [RwLockReadGuard<'a, Shard>], fresh: Freshness) -> Self {
+        let lat = q.lat_e6 as f64 * RAD_PER_E6;
+        Search {
+            shards,
+            fresh,
+            lat,
+            lon: q.lon_e6 as f64 * RAD_PER_E6,
+            cos_lat: lat.cos(),
+            lat_e6: q.lat_e6,
+            lon_e6: q.lon_e6,
+            radius_hav: meters_to_hav(q.radius_m),
+            limit: q.limit.max(1),
+            statuses: q.statuses,
+            heap: BinaryHeap::with_capacity(q.limit.max(1) + 1),
+        }
+    }
+
+    fn bound(&self) -> f64 {
+        match self.heap.peek() {
+            Some(top) if self.heap.len() >= self.limit => top.hav.min(self.radius_hav),
+            _ => self.radius_hav,
+        }
+    }
+
+    fn occupied_cells(&self) -> usize {
+        self.shards.iter().map(|s| s.cells.len()).sum()
+    }
+
+    fn run(&mut self) {
+        let center = Cell::of(self.lat_e6, self.lon_e6);
+        let budget = self.occupied_cells() * 2 + 64;
+        let mut visited = 0usize;
+        for k in 0..=Grid::max_ring(center) {
+            let ring_cells = if k == 0 { 1 } else { 8 * k as usize };
+            if visited + ring_cells > budget {
+                self.scan_occupied_beyond(center, k - 1);
+                return;
+            }
+            visited += ring_cells;
+            let mut ring_min = f64::INFINITY;
+            Grid::for_each_on_ring(center, k, |cell| {
+                let lb = cell.bounds().min_hav(self.lat, self.lon, self.cos_lat);
+                ring_min = ring_min.min(lb);
+                if lb <= self.bound() {
+                    for shard in 0..self.shards.len() {
+                        self.scan_cell(shard, cell.key());
+                    }
+                }
+            });
+            if ring_min > self.bound() {
+                return;
+            }
+        }
+    }
+
+    /// Scans, nearest first, the occupied cells farther than `k` rings from `center`.
+    fn scan_occupied_beyond(&mut self, center: Cell, k: i32) {
+        let bound = self.bound();
+        let mut cells: Vec<(f64, usize, u64)> = Vec::new();
+        for (shard, guard) in self.shards.iter().enumerate() {
+            for &key in guard.cells.keys() {
+                let cell = Cell::from_key(key);
+                if center.ring_distance(cell) > k {
+                    let lb = cell.bounds().min_hav(self.lat, self.lon, self.cos_lat);
+                    if lb <= bound {
+                        cells.push((lb, shard, key));
+                    }
+                }
+            }
+        }
+        cells.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+        for (lb, shard, key) in cells {
+            if lb > self.bound() {
+                break;
+            }
+            self.scan_cell(shard, key);
+        }
+    }
+
+    fn scan_cell(&mut self, shard: usize, key: u64) {
+        let guard = &self.shards[shard];
+        let Some(entries) = guard.cells.get(&key) else {
+            return;
+        };
+        let mut bound = self.bound();
+        for e in entries {
+            if !self.statuses.contains(e.status()) {
+                continue;
+            }
+            let s_lat = ((e.lat_e6 - self.lat_e6) as f64 * RAD_PER_E6 * 0.5).sin();
+            let a = s_lat * s_lat;
+            if a > bound {
+                continue;
+            }
+            let lat = e.lat_e6 as f64 * RAD_PER_E6;
+            let s_lon = ((e.lon_e6 as f64 * RAD_PER_E6 - self.lon) * 0.5).sin();
+            let hav = (a + self.cos_lat * lat.cos() * s_lon * s_lon).min(1.0);
+            let full = self.heap.len() >= self.limit;
+            if hav > bound || (full && hav >= bound) {
+                continue;
+            }
+            if !self.fresh.is_live(guard.record(e.slot()).seen) {
+                continue;
+            }
+            if full {
+                self.heap.pop();
+            }
+            self.heap.push(Candidate {
+                hav,
+                shard: shard as u8,
+                slot: e.slot(),
+            });
+            bound = self.bound();
+        }
+    }
+
+    fn into_hits(self) -> Vec<NearbyHit> {
+        let shards = self.shards;
+        let mut hits: Vec<NearbyHit> = self
+            .heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|c| {
+                let rec = shards[c.shard as usize].record(c.slot);
+                NearbyHit {
+                    driver_id: rec.id.clone(),
+                    lat_e6: rec.lat_e6,
+                    lon_e6: rec.lon_e6,
+                    distance_m: hav_to_meters(c.hav),
+                    status: Status::from_index(rec.status),
+                    timestamp: rec.timestamp,
+                }
+            })
+            .collect();
+        // Equal distances: a stable order by id, so repeated queries answer the same.
+        hits.sort_by(|a, b| {
+            a.distance_m
+                .total_cmp(&b.distance_m)
+                .then_with(|| a.driver_id.cmp(&b.driver_id))
+        });
+        hits
+    }
+}
+
+#[cfg(test)]
+mod tests;

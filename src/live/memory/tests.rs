@@ -1,0 +1,240 @@
+use super::*;
+use crate::geo::distance_m;
+use proptest::prelude::*;
+
+const TTL: Duration = Duration::from_secs(60);
+
+fn pos(id: &str, lat: f64, lon: f64, status: Status, ts: Micros) -> Position {
+    Position {
+        driver_id: id.into(),
+        lat_e6: (lat * 1e6).round() as i32,
+        lon_e6: (lon * 1e6).round() as i32,
+        status,
+        timestamp: ts,
+        speed_mps: None,
+        heading_deg: None,
+        accuracy_m: None,
+    }
+}
+
+fn query(lat: f64, lon: f64, radius_m: f64, limit: usize) -> NearbyQuery {
+    NearbyQuery {
+        lat_e6: (lat * 1e6).round() as i32,
+        lon_e6: (lon * 1e6).round() as i32,
+        radius_m,
+        limit,
+        statuses: StatusSet::WORKING,
+    }
+}
+
+/// The answer by definition: every matching driver's distance, sorted, cut at `limit`.
+fn brute_force(drivers: &[Position], q: &NearbyQuery) -> Vec<f64> {
+    let (lat, lon) = (q.lat_e6 as f64 / 1e6, q.lon_e6 as f64 / 1e6);
+    let mut d: Vec<f64> = drivers
+        .iter()
+        .filter(|p| q.statuses.contains(p.status) && p.status != Status::Offline)
+        .map(|p| distance_m(lat, lon, p.latitude(), p.longitude()))
+        .filter(|&d| d <= q.radius_m)
+        .collect();
+    d.sort_by(f64::total_cmp);
+    d.truncate(q.limit);
+    d
+}
+
+fn assert_same_distances(got: &[NearbyHit], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "result count");
+    for (hit, w) in got.iter().zip(want) {
+        assert!((hit.distance_m - w).abs() < 1e-6, "{} vs {w}", hit.distance_m);
+    }
+}
+
+#[test]
+fn latest_wins_and_stale_is_ignored() {
+    let index = MemoryIndex::new(TTL);
+    let now = Instant::now();
+    assert_eq!(index.upsert(&pos("a", 1.0, 1.0, Status::Online, 200), now), Upsert::Applied);
+    assert_eq!(index.upsert(&pos("a", 2.0, 2.0, Status::Busy, 100), now), Upsert::Stale);
+    let got = index.get("a", now).unwrap();
+    assert_eq!((got.lat_e6, got.timestamp, got.status), (1_000_000, 200, Status::Online));
+    assert_eq!(index.upsert(&pos("a", 3.0, 3.0, Status::Busy, 300), now), Upsert::Applied);
+    assert_eq!(index.get("a", now).unwrap().lat_e6, 3_000_000);
+    assert_eq!(index.counts(), StatusCounts { online: 0, busy: 1, offline: 0 });
+    assert!(index.get("b", now).is_none());
+}
+
+#[test]
+fn optional_fields_survive() {
+    let index = MemoryIndex::new(TTL);
+    let now = Instant::now();
+    let mut p = pos("a", 1.0, 1.0, Status::Online, 1);
+    p.speed_mps = Some(12.5);
+    p.heading_deg = Some(90.0);
+    index.upsert(&p, now);
+    assert_eq!(index.get("a", now).unwrap(), p);
+}
+
+#[test]
+fn moving_between_cells_keeps_the_grid_consistent() {
+    let index = MemoryIndex::new(TTL);
+    let now = Instant::now();
+    // Many drivers in one cell, then move them out one by one; each search must see exactly the rest.
+    for i in 0..50 {
+        index.upsert(&pos(&format!("d{i}"), 10.0001 + i as f64 * 1e-5, 20.0001, Status::Online, 1), now);
+    }
+    for i in 0..50 {
+        index.upsert(&pos(&format!("d{i}"), 11.0, 21.0, Status::Online, 2), now);
+        let near_old = index.nearby(&query(10.0, 20.0, 5_000.0, 100), now);
+        assert_eq!(near_old.len(), 49 - i);
+        let near_new = index.nearby(&query(11.0, 21.0, 5_000.0, 100), now);
+        assert_eq!(near_new.len(), i + 1);
+    }
+}
+
+#[test]
+fn offline_drivers_are_never_found_but_can_be_read() {
+    let index = MemoryIndex::new(TTL);
+    let now = Instant::now();
+    index.upsert(&pos("a", 1.0, 1.0, Status::Online, 1), now);
+    index.upsert(&pos("a", 1.0, 1.0, Status::Offline, 2), now);
+    let mut q = query(1.0, 1.0, 1_000.0, 10);
+    q.statuses.insert(Status::Offline);
+    assert!(index.nearby(&q, now).is_empty());
+    assert_eq!(index.get("a", now).unwrap().status, Status::Offline);
+    index.upsert(&pos("a", 1.0, 1.0, Status::Busy, 3), now);
+    assert_eq!(index.nearby(&q, now).len(), 1);
+}
+
+#[test]
+fn status_filter_applies() {
+    let index = MemoryIndex::new(TTL);
+    let now = Instant::now();
+    index.upsert(&pos("on", 1.0, 1.0, Status::Online, 1), now);
+    index.upsert(&pos("busy", 1.0, 1.0001, Status::Busy, 1), now);
+    let mut q = query(1.0, 1.0, 1_000.0, 10);
+    q.statuses = StatusSet::empty();
+    q.statuses.insert(Status::Busy);
+    let hits = index.nearby(&q, now);
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].driver_id, "busy");
+}
+
+#[test]
+fn ttl_hides_then_expire_reclaims() {
+    let index = MemoryIndex::new(Duration::from_secs(2));
+    let t0 = Instant::now();
+    index.upsert(&pos("old", 1.0, 1.0, Status::Online, 1), t0);
+    let t1 = t0 + Duration::from_millis(1500);
+    index.upsert(&pos("new", 1.0, 1.0, Status::Online, 1), t1);
+    let t2 = t0 + Duration::from_millis(2100);
+    assert!(index.get("old", t2).is_none());
+    assert!(index.get("new", t2).is_some());
+    let hits = index.nearby(&query(1.0, 1.0, 100.0, 10), t2);
+    assert_eq!(hits.iter().map(|h| h.driver_id.as_str()).collect::<Vec<_>>(), ["new"]);
+    assert_eq!(index.counts().total(), 2);
+    assert_eq!(index.expire(t2), 1);
+    assert_eq!(index.counts().total(), 1);
+    // The freed slot is reused, and an expired driver that reports again starts afresh.
+    index.upsert(&pos("old", 5.0, 5.0, Status::Busy, 0), t2);
+    assert_eq!(index.get("old", t2).unwrap().lat_e6, 5_000_000);
+    assert_eq!(index.counts(), StatusCounts { online: 1, busy: 1, offline: 0 });
+}
+
+#[test]
+fn expired_driver_reporting_an_older_timestamp_is_applied() {
+    let index = MemoryIndex::new(Duration::from_secs(1));
+    let t0 = Instant::now();
+    index.upsert(&pos("a", 1.0, 1.0, Status::Online, 500), t0);
+    let t1 = t0 + Duration::from_secs(2);
+    assert_eq!(index.upsert(&pos("a", 2.0, 2.0, Status::Online, 100), t1), Upsert::Applied);
+    assert_eq!(index.get("a", t1).unwrap().timestamp, 100);
+}
+
+#[test]
+fn exactly_the_nearest_in_a_dense_cluster() {
+    let index = MemoryIndex::new(TTL);
+    let now = Instant::now();
+    let mut rng = 7u64;
+    let mut next = || {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (rng >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let drivers: Vec<Position> = (0..20_000)
+        .map(|i| {
+            let status = if i % 7 == 0 { Status::Busy } else { Status::Online };
+            pos(&format!("d{i}"), 31.2 + next() * 0.06, 121.45 + next() * 0.06, status, 1)
+        })
+        .collect();
+    for p in &drivers {
+        index.upsert(p, now);
+    }
+    for (lat, lon, r, limit) in [
+        (31.23, 121.48, 1_000.0, 50),
+        (31.23, 121.48, 100.0, 1_000),
+        (31.2, 121.45, 3_000.0, 7),
+        (31.3, 121.6, 20_000.0, 10),
+        (31.0, 121.0, 100_000.0, 1),
+        (30.0, 120.0, 1_000.0, 50),
+    ] {
+        let q = query(lat, lon, r, limit);
+        assert_same_distances(&index.nearby(&q, now), &brute_force(&drivers, &q));
+    }
+}
+
+#[test]
+fn antimeridian_and_pole_neighbours_are_found() {
+    let index = MemoryIndex::new(TTL);
+    let now = Instant::now();
+    let drivers = vec![
+        pos("east", 0.0, 179.9999, Status::Online, 1),
+        pos("west", 0.0, -179.9999, Status::Online, 1),
+        pos("pole-a", 89.9999, 0.0, Status::Online, 1),
+        pos("pole-b", 89.9999, 180.0, Status::Online, 1),
+        pos("pole-c", 89.9, 90.0, Status::Online, 1),
+    ];
+    for p in &drivers {
+        index.upsert(p, now);
+    }
+    for q in [
+        query(0.0, 180.0, 1_000.0, 10),
+        query(0.0, -179.99, 5_000.0, 10),
+        query(90.0, 0.0, 50_000.0, 10),
+        query(89.95, -90.0, 100_000.0, 2),
+    ] {
+        assert_same_distances(&index.nearby(&q, now), &brute_force(&drivers, &q));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Whatever the drivers, point, radius and limit: the index answers what brute force answers.
+    #[test]
+    fn nearby_matches_brute_force(
+        spots in prop::collection::vec((-1.0f64..1.0, -1.0f64..1.0, 0u8..3), 1..300),
+        center_lat in -89.0f64..89.0,
+        center_lon in -180.0f64..180.0,
+        spread in prop_oneof![Just(0.001f64), Just(0.02), Just(0.5), Just(3.0)],
+        q_offset in (-1.0f64..1.0, -1.0f64..1.0),
+        radius in 1.0f64..100_000.0,
+        limit in 1usize..60,
+    ) {
+        let index = MemoryIndex::new(TTL);
+        let now = Instant::now();
+        let wrap = |lon: f64| ((lon + 180.0).rem_euclid(360.0)) - 180.0;
+        let drivers: Vec<Position> = spots.iter().enumerate().map(|(i, &(dy, dx, s))| {
+            pos(&format!("d{i}"), (center_lat + dy * spread).clamp(-90.0, 90.0),
+                wrap(center_lon + dx * spread), Status::from_index(s), 1)
+        }).collect();
+        for p in &drivers {
+            index.upsert(p, now);
+        }
+        let q = query((center_lat + q_offset.0 * spread).clamp(-90.0, 90.0),
+                      wrap(center_lon + q_offset.1 * spread), radius, limit);
+        let got = index.nearby(&q, now);
+        let want = brute_force(&drivers, &q);
+        prop_assert_eq!(got.len(), want.len());
+        for (hit, w) in got.iter().zip(&want) {
+            prop_assert!((hit.distance_m - w).abs() < 1e-6);
+        }
+    }
+}

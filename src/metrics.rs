@@ -1,0 +1,154 @@
+//! Prometheus metrics. Names and labels are part of the API (dashboards and alerts use them):
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `driver_updates_total` | counter | `status` |
+//! | `http_request_duration_seconds` | histogram | `method`, `route` (template), `status` (code) |
+//! | `location_store_write_seconds` | histogram | — |
+//! | `drivers_active` | gauge | `status` |
+//!
+//! No label carries a driver id or any other unbounded value: routes are templates, unknown paths
+//! are `unmatched`, unknown methods `other`.
+//!
+//! The recorder is owned, not installed globally, so several servers can live in one process (tests)
+//! and hot paths hold ready-made handles instead of looking metrics up by name per request.
+
+use crate::domain::Status;
+use crate::live::StatusCounts;
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+const HTTP_DURATION: &str = "http_request_duration_seconds";
+const STORE_WRITE: &str = "location_store_write_seconds";
+const UPDATES: &str = "driver_updates_total";
+const ACTIVE: &str = "drivers_active";
+
+const HTTP_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+const STORE_BUCKETS: &[f64] = &[
+    0.000_001, 0.000_002_5, 0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5,
+    0.001, 0.002_5, 0.01, 0.1,
+];
+
+static METADATA: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, None);
+
+/// Labels of one HTTP histogram series.
+type HttpSeries = (&'static str, &'static str, u16);
+
+/// Handles to every metric the service records.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    updates: [Counter; 3],
+    active: [Gauge; 3],
+    store_write: Histogram,
+    http: RwLock<HashMap<HttpSeries, Histogram>>,
+}
+
+fn status_labels(name: &'static str) -> [Key; 3] {
+    Status::ALL.map(|s| Key::from_parts(name, vec![Label::new("status", s.as_str())]))
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), HTTP_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(STORE_WRITE.into()), STORE_BUCKETS))
+            .expect("bucket lists are non-empty constants")
+            .build_recorder();
+        describe(&recorder);
+        let handle = recorder.handle();
+        let updates = status_labels(UPDATES).map(|k| recorder.register_counter(&k, &METADATA));
+        let active = status_labels(ACTIVE).map(|k| recorder.register_gauge(&k, &METADATA));
+        let store_write = recorder.register_histogram(&Key::from_name(STORE_WRITE), &METADATA);
+        Metrics {
+            inner: Arc::new(Inner {
+                recorder,
+                handle,
+                updates,
+                active,
+                store_write,
+                http: RwLock::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn count_updates(&self, status: Status, n: u64) {
+        if n > 0 {
+            self.inner.updates[status as usize].increment(n);
+        }
+    }
+
+    pub fn record_store_write(&self, took: Duration) {
+        self.inner.store_write.record(took.as_secs_f64());
+    }
+
+    /// Records one HTTP request; `route` must be a template (bounded), never a raw path.
+    pub fn record_http(&self, method: &'static str, route: &'static str, status: u16, took: Duration) {
+        let series = (method, route, status);
+        let cached = self.inner.http.read().get(&series).cloned();
+        let histogram = cached.unwrap_or_else(|| {
+            let labels = vec![
+                Label::new("method", method),
+                Label::new("route", route),
+                Label::new("status", status.to_string()),
+            ];
+            let key = Key::from_parts(HTTP_DURATION, labels);
+            let h = self.inner.recorder.register_histogram(&key, &METADATA);
+            self.inner.http.write().entry(series).or_insert(h).clone()
+        });
+        histogram.record(took.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition, with gauges refreshed from `counts`.
+    pub fn render(&self, counts: StatusCounts) -> String {
+        for status in Status::ALL {
+            self.inner.active[status as usize].set(counts.get(status) as f64);
+        }
+        self.inner.handle.render()
+    }
+
+    /// Folds recorded histogram samples into their buckets; run periodically to bound memory.
+    pub fn run_upkeep(&self) {
+        self.inner.handle.run_upkeep();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn describe(recorder: &PrometheusRecorder) {
+    recorder.describe_counter(
+        UPDATES.into(),
+        None,
+        "Accepted driver position updates, by the status they reported.".into(),
+    );
+    recorder.describe_histogram(
+        HTTP_DURATION.into(),
+        Some(Unit::Seconds),
+        "HTTP request latency by method, route template and status code.".into(),
+    );
+    recorder.describe_histogram(
+        STORE_WRITE.into(),
+        Some(Unit::Seconds),
+        "Time to apply one request's positions to the location store.".into(),
+    );
+    recorder.describe_gauge(
+        ACTIVE.into(),
+        None,
+        "Drivers currently tracked (reported within the TTL), by status.".into(),
+    );
+}
