@@ -16,7 +16,9 @@
 use crate::domain::Status;
 use crate::live::StatusCounts;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,8 +33,19 @@ const HTTP_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 const STORE_BUCKETS: &[f64] = &[
-    0.000_001, 0.000_002_5, 0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5,
-    0.001, 0.002_5, 0.01, 0.1,
+    0.000_001,
+    0.000_002_5,
+    0.000_005,
+    0.000_01,
+    0.000_025,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.002_5,
+    0.01,
+    0.1,
 ];
 
 static METADATA: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, None);
@@ -63,7 +76,9 @@ impl Metrics {
     pub fn new() -> Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), HTTP_BUCKETS)
-            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(STORE_WRITE.into()), STORE_BUCKETS))
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(STORE_WRITE.into()), STORE_BUCKETS)
+            })
             .expect("bucket lists are non-empty constants")
             .build_recorder();
         describe(&recorder);
@@ -94,7 +109,13 @@ impl Metrics {
     }
 
     /// Records one HTTP request; `route` must be a template (bounded), never a raw path.
-    pub fn record_http(&self, method: &'static str, route: &'static str, status: u16, took: Duration) {
+    pub fn record_http(
+        &self,
+        method: &'static str,
+        route: &'static str,
+        status: u16,
+        took: Duration,
+    ) {
         let series = (method, route, status);
         let cached = self.inner.http.read().get(&series).cloned();
         let histogram = cached.unwrap_or_else(|| {

@@ -16,7 +16,9 @@ use tokio::net::TcpListener;
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -36,6 +38,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let address = listener.local_addr()?;
+    let shutdown = shutdown_signal(tracker.clone())?;
     spawn_background_jobs(&tracker, config.driver_ttl);
 
     tracing::info!(%address, data_dir = %config.data_dir.display(), driver_ttl = ?config.driver_ttl, "fleettracker started");
@@ -47,7 +50,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         let _ = tcp.set_nodelay(true);
     });
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal(tracker))
+        .with_graceful_shutdown(shutdown)
         .await
         .context("server error")?;
     tracing::info!("fleettracker stopped");
@@ -62,7 +65,9 @@ fn spawn_background_jobs(tracker: &Arc<Tracker>, ttl: Duration) {
         loop {
             tick.tick().await;
             let t = sweeper.clone();
-            let removed = tokio::task::spawn_blocking(move || t.expire()).await.unwrap_or(0);
+            let removed = tokio::task::spawn_blocking(move || t.expire())
+                .await
+                .unwrap_or(0);
             if removed > 0 {
                 tracing::debug!(removed, "expired silent drivers");
             }
@@ -78,22 +83,18 @@ fn spawn_background_jobs(tracker: &Arc<Tracker>, ttl: Duration) {
     });
 }
 
-async fn shutdown_signal(tracker: Arc<Tracker>) {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Resolves on the first SIGINT or SIGTERM. The handlers are registered when this is *called*, before
+/// the address is printed, so a signal sent as soon as the server is up is never fatal.
+fn shutdown_signal(tracker: Arc<Tracker>) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {},
+            _ = terminate.recv() => {},
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
-    }
-    tracker.set_ready(false);
-    tracing::info!("shutdown requested: draining in-flight requests");
+        tracker.set_ready(false);
+        tracing::info!("shutdown requested: draining in-flight requests");
+    })
 }

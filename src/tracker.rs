@@ -42,7 +42,8 @@ impl Tracker {
         }
         self.metrics.record_store_write(started.elapsed());
         for status in Status::ALL {
-            self.metrics.count_updates(status, by_status[status as usize]);
+            self.metrics
+                .count_updates(status, by_status[status as usize]);
         }
         self.updates_total
             .fetch_add(positions.len() as u64, Ordering::Relaxed);

@@ -116,11 +116,17 @@ fn number_param(
     match text.trim().parse::<f64>() {
         Ok(v) if (min..=max).contains(&v) => v,
         Ok(_) => {
-            errors.push(FieldError::new(name, format!("must be between {min} and {max}, got {text}")));
+            errors.push(FieldError::new(
+                name,
+                format!("must be between {min} and {max}, got {text}"),
+            ));
             0.0
         }
         Err(_) => {
-            errors.push(FieldError::new(name, format!("must be a number, got {text:?}")));
+            errors.push(FieldError::new(
+                name,
+                format!("must be a number, got {text:?}"),
+            ));
             0.0
         }
     }
@@ -151,7 +157,13 @@ impl NearbyParams {
     pub fn to_query(&self) -> Result<NearbyQuery, ApiError> {
         let mut errors = Vec::new();
         let lat = number_param(&mut errors, "lat", self.lat.as_deref(), None, (-90.0, 90.0));
-        let lon = number_param(&mut errors, "lon", self.lon.as_deref(), None, (-180.0, 180.0));
+        let lon = number_param(
+            &mut errors,
+            "lon",
+            self.lon.as_deref(),
+            None,
+            (-180.0, 180.0),
+        );
         let radius_m = number_param(
             &mut errors,
             "radius_m",
@@ -235,5 +247,7 @@ pub async fn get_driver(
         .tracker
         .driver(&driver_id)
         .map(|p| Json(DriverResponse::from(p)))
-        .ok_or_else(|| ApiError::NotFound(format!("driver {driver_id} is not known or has expired")))
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("driver {driver_id} is not known or has expired"))
+        })
 }

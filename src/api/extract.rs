@@ -27,15 +27,24 @@ fn is_json(headers: &HeaderMap) -> bool {
     mime.starts_with("application/") && mime.ends_with("+json")
 }
 
-/// Maps a serde_json error to 400 (not JSON) or 422 (JSON, but not the expected shape).
-pub fn json_error(e: serde_json::Error) -> ApiError {
+/// Maps a serde_json error to 400 (not JSON) or 422 (JSON, but not the expected shape). Decoding
+/// stops at the first error, so a shape error may come before a syntax error further on; the body is
+/// then checked for syntax alone (only on this error path) so that broken JSON is always a 400.
+pub fn json_error(e: serde_json::Error, body: &[u8]) -> ApiError {
     use serde_json::error::Category;
-    match e.classify() {
-        Category::Data => ApiError::validation(format!("request body has the wrong shape: {e}"), vec![]),
-        Category::Syntax | Category::Eof | Category::Io => {
-            ApiError::MalformedJson(format!("request body is not valid JSON: {e}"))
-        }
-    }
+    let syntax = match e.classify() {
+        Category::Data => match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) => {
+                return ApiError::validation(
+                    format!("request body has the wrong shape: {e}"),
+                    vec![],
+                )
+            }
+            Err(syntax) => syntax,
+        },
+        Category::Syntax | Category::Eof | Category::Io => e,
+    };
+    ApiError::MalformedJson(format!("request body is not valid JSON: {syntax}"))
 }
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
@@ -52,7 +61,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 ApiError::MalformedJson(format!("could not read the request body: {rejection}"))
             }
         })?;
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(json_error)
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| json_error(e, &bytes))
     }
 }
 

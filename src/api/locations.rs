@@ -105,7 +105,10 @@ pub async fn post_batch(
     if entries.is_empty() || entries.len() > MAX_BATCH {
         return Err(ApiError::invalid_field(
             "locations",
-            format!("must hold 1 to {MAX_BATCH} positions, got {}", entries.len()),
+            format!(
+                "must hold 1 to {MAX_BATCH} positions, got {}",
+                entries.len()
+            ),
         ));
     }
     let received_at = now_micros();
@@ -115,7 +118,10 @@ pub async fn post_batch(
     for (index, BatchEntry(entry)) in entries.into_iter().enumerate() {
         let checked = match entry {
             Ok(input) => validate_position(&input, received_at),
-            Err(kind) => Err(vec![FieldError::new("", format!("must be an object, got {kind}"))]),
+            Err(kind) => Err(vec![FieldError::new(
+                "",
+                format!("must be an object, got {kind}"),
+            )]),
         };
         match checked {
             Ok(p) => positions.push(p),
@@ -140,5 +146,8 @@ pub async fn post_batch(
     }
     state.tracker.apply(&positions);
     let accepted = positions.len();
-    Ok((StatusCode::ACCEPTED, Json(BatchAccepted { accepted, rejected })))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(BatchAccepted { accepted, rejected }),
+    ))
 }

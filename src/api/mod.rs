@@ -47,5 +47,8 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
             use axum::response::IntoResponse;
             error::ApiError::Internal.into_response()
         }))
-        .layer(axum::middleware::from_fn_with_state(state, observe::observe))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            observe::observe,
+        ))
 }

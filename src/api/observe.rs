@@ -102,7 +102,10 @@ mod tests {
     fn caller_ids_are_kept_only_when_sane() {
         let ok = HeaderValue::from_static("abc-123");
         assert_eq!(caller_request_id(Some(&ok)), Some(ok));
-        assert_eq!(caller_request_id(Some(&HeaderValue::from_static("has space"))), None);
+        assert_eq!(
+            caller_request_id(Some(&HeaderValue::from_static("has space"))),
+            None
+        );
         let long = HeaderValue::from_str(&"x".repeat(129)).unwrap();
         assert_eq!(caller_request_id(Some(&long)), None);
         assert_eq!(caller_request_id(None), None);

@@ -49,7 +49,9 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<HealthResponse>
     if state.tracker.is_ready() {
         Ok(Json(HealthResponse { status: "ready" }))
     } else {
-        Err(ApiError::NotReady("the service is not ready to serve".into()))
+        Err(ApiError::NotReady(
+            "the service is not ready to serve".into(),
+        ))
     }
 }
 

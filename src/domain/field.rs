@@ -105,7 +105,9 @@ impl<'de> Deserialize<'de> for TextField {
 
 /// Used by batch decoding: an element that is not a JSON object is reported at its index instead of
 /// failing the whole batch.
-pub(crate) fn deserialize_object_or_kind<'de, D, T>(d: D) -> Result<Result<T, &'static str>, D::Error>
+pub(crate) fn deserialize_object_or_kind<'de, D, T>(
+    d: D,
+) -> Result<Result<T, &'static str>, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de>,

@@ -175,7 +175,9 @@ impl Checker {
     fn required_number(&mut self, field: &str, value: &NumberField, min: f64, max: f64) -> f64 {
         match *value {
             Field::Value(v) if (min..=max).contains(&v) => return v,
-            Field::Value(v) => self.fail(field, format!("must be between {min} and {max}, got {v}")),
+            Field::Value(v) => {
+                self.fail(field, format!("must be between {min} and {max}, got {v}"))
+            }
             Field::Missing => self.fail(field, "is required"),
             Field::WrongType(got) => self.wrong_type(field, "a number", got),
         }
@@ -186,7 +188,10 @@ impl Checker {
         match *value {
             Field::Value(v) if v >= 0.0 && v < max_excl => Some(v as f32),
             Field::Value(v) if max_excl.is_finite() => {
-                self.fail(field, format!("must be at least 0 and below {max_excl}, got {v}"));
+                self.fail(
+                    field,
+                    format!("must be at least 0 and below {max_excl}, got {v}"),
+                );
                 None
             }
             Field::Value(v) => {
@@ -304,12 +309,16 @@ mod tests {
 
     #[test]
     fn minimal_position_gets_defaults_and_rounding() {
-        let p = check(r#"{"driver_id":"d-1","latitude":31.2304567,"longitude":-121.4737}"#).unwrap();
+        let p =
+            check(r#"{"driver_id":"d-1","latitude":31.2304567,"longitude":-121.4737}"#).unwrap();
         assert_eq!(p.driver_id, "d-1");
         assert_eq!((p.lat_e6, p.lon_e6), (31_230_457, -121_473_700));
         assert_eq!(p.status, Status::Online);
         assert_eq!(p.timestamp, NOW);
-        assert_eq!((p.speed_mps, p.heading_deg, p.accuracy_m), (None, None, None));
+        assert_eq!(
+            (p.speed_mps, p.heading_deg, p.accuracy_m),
+            (None, None, None)
+        );
     }
 
     #[test]
@@ -351,14 +360,23 @@ mod tests {
 
     #[test]
     fn required_fields_are_required() {
-        assert_eq!(fields(check("{}").unwrap_err()), ["driver_id", "latitude", "longitude"]);
+        assert_eq!(
+            fields(check("{}").unwrap_err()),
+            ["driver_id", "latitude", "longitude"]
+        );
     }
 
     #[test]
     fn driver_id_length_limits() {
-        let ok = format!(r#"{{"driver_id":"{}","latitude":0,"longitude":0}}"#, "a".repeat(64));
+        let ok = format!(
+            r#"{{"driver_id":"{}","latitude":0,"longitude":0}}"#,
+            "a".repeat(64)
+        );
         assert!(check(&ok).is_ok());
-        let long = format!(r#"{{"driver_id":"{}","latitude":0,"longitude":0}}"#, "a".repeat(65));
+        let long = format!(
+            r#"{{"driver_id":"{}","latitude":0,"longitude":0}}"#,
+            "a".repeat(65)
+        );
         assert_eq!(fields(check(&long).unwrap_err()), ["driver_id"]);
         let empty = r#"{"driver_id":"","latitude":0,"longitude":0}"#;
         assert_eq!(fields(check(empty).unwrap_err()), ["driver_id"]);
@@ -370,7 +388,9 @@ mod tests {
     fn future_timestamps_beyond_five_minutes_are_rejected() {
         let at = |offset_s: i64| {
             let t = crate::domain::format_rfc3339(NOW + offset_s * 1_000_000);
-            check(&format!(r#"{{"driver_id":"d","latitude":0,"longitude":0,"timestamp":"{t}"}}"#))
+            check(&format!(
+                r#"{{"driver_id":"d","latitude":0,"longitude":0,"timestamp":"{t}"}}"#
+            ))
         };
         assert!(at(299).is_ok());
         assert_eq!(fields(at(301).unwrap_err()), ["timestamp"]);

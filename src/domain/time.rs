@@ -39,7 +39,13 @@ mod tests {
 
     #[test]
     fn rejects_non_rfc3339() {
-        for bad in ["", "yesterday", "2026-11-22", "2026-11-22 00:00:00", "1700000000"] {
+        for bad in [
+            "",
+            "yesterday",
+            "2026-11-22",
+            "2026-11-22 00:00:00",
+            "1700000000",
+        ] {
             assert!(parse_rfc3339(bad).is_none(), "{bad}");
         }
     }

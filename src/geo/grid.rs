@@ -123,11 +123,7 @@ impl Grid {
         let col_at = |dc: i32| (center.col + dc).rem_euclid(GRID_COLS);
         let row_ok = |r: i32| (0..GRID_ROWS).contains(&r);
         // Top and bottom rows: every column of the ring (all columns once if it wraps).
-        let (c_from, c_to) = if wraps {
-            (0, GRID_COLS - 1)
-        } else {
-            (-k, k)
-        };
+        let (c_from, c_to) = if wraps { (0, GRID_COLS - 1) } else { (-k, k) };
         for row in [center.row - k, center.row + k] {
             if row_ok(row) {
                 for dc in c_from..=c_to {
@@ -147,7 +143,10 @@ impl Grid {
             let row = center.row + dr;
             if row_ok(row) {
                 for side in sides {
-                    visit(Cell { row, col: col_at(side * k) });
+                    visit(Cell {
+                        row,
+                        col: col_at(side * k),
+                    });
                 }
             }
         }
@@ -216,7 +215,14 @@ mod tests {
             let (lat, lon) = (lat_e6 as f64 * RAD_PER_E6, lon_e6 as f64 * RAD_PER_E6);
             let bound = b.min_hav(lat, lon, lat.cos());
             // Sample points inside the cell: none may be closer than the bound.
-            for (fy, fx) in [(0.0, 0.0), (1.0, 1.0), (0.5, 0.5), (0.0, 1.0), (1.0, 0.0), (0.3, 0.9)] {
+            for (fy, fx) in [
+                (0.0, 0.0),
+                (1.0, 1.0),
+                (0.5, 0.5),
+                (0.0, 1.0),
+                (1.0, 0.0),
+                (0.3, 0.9),
+            ] {
                 let plat = b.lat_min + fy * (b.lat_max - b.lat_min);
                 let plon = b.lon_min + fx * (b.lon_max - b.lon_min);
                 assert!(haversine(lat, lon, plat, plon) >= bound - 1e-15, "{cell:?}");

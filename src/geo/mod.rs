@@ -60,7 +60,11 @@ mod tests {
         // One degree of latitude on the mean sphere.
         assert!(close(distance_m(0.0, 0.0, 1.0, 0.0), 111_195.08, 0.01));
         // Paris to London on the same sphere (reference computed independently in Python).
-        assert!(close(distance_m(48.8566, 2.3522, 51.5074, -0.1278), 343_556.5, 1.0));
+        assert!(close(
+            distance_m(48.8566, 2.3522, 51.5074, -0.1278),
+            343_556.5,
+            1.0
+        ));
         // Antipodes: half the circumference.
         let half = std::f64::consts::PI * EARTH_RADIUS_M;
         assert!(close(distance_m(0.0, 0.0, 0.0, 180.0), half, 1e-6));

@@ -147,7 +147,13 @@ impl Shard {
         (full + last.len() - 1) as u32
     }
 
-    fn upsert(&mut self, hash: u64, p: &Position, fresh: Freshness, hasher: &DefaultHashBuilder) -> Upsert {
+    fn upsert(
+        &mut self,
+        hash: u64,
+        p: &Position,
+        fresh: Freshness,
+        hasher: &DefaultHashBuilder,
+    ) -> Upsert {
         let slot = match self.find(hash, &p.driver_id) {
             Some(slot) => {
                 let rec = self.record(slot);
@@ -272,7 +278,10 @@ pub struct MemoryIndex {
 impl MemoryIndex {
     /// An empty index whose drivers disappear after `ttl` without an update.
     pub fn new(ttl: Duration) -> MemoryIndex {
-        let ttl_ticks = ttl.as_millis().div_ceil(TICK_MS).clamp(1, u32::MAX as u128 / 2) as u32;
+        let ttl_ticks = ttl
+            .as_millis()
+            .div_ceil(TICK_MS)
+            .clamp(1, u32::MAX as u128 / 2) as u32;
         MemoryIndex {
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
             hasher: DefaultHashBuilder::default(),
@@ -299,7 +308,9 @@ impl MemoryIndex {
     /// Makes `p` the driver's latest position unless the driver already has a newer one.
     pub fn upsert(&self, p: &Position, now: Instant) -> Upsert {
         let (hash, shard) = self.locate(&p.driver_id);
-        shard.write().upsert(hash, p, self.freshness(now), &self.hasher)
+        shard
+            .write()
+            .upsert(hash, p, self.freshness(now), &self.hasher)
     }
 
     /// The driver's latest position, if it reported within the TTL.
@@ -335,7 +346,8 @@ impl MemoryIndex {
 
     /// The `limit` nearest live drivers within the radius whose status matches, nearest first.
     pub fn nearby(&self, q: &NearbyQuery, now: Instant) -> Vec<NearbyHit> {
-        let guards: Vec<RwLockReadGuard<'_, Shard>> = self.shards.iter().map(|s| s.read()).collect();
+        let guards: Vec<RwLockReadGuard<'_, Shard>> =
+            self.shards.iter().map(|s| s.read()).collect();
         let mut search = Search::new(q, &guards, self.freshness(now));
         search.run();
         search.into_hits()

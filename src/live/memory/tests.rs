@@ -44,7 +44,11 @@ fn brute_force(drivers: &[Position], q: &NearbyQuery) -> Vec<f64> {
 fn assert_same_distances(got: &[NearbyHit], want: &[f64]) {
     assert_eq!(got.len(), want.len(), "result count");
     for (hit, w) in got.iter().zip(want) {
-        assert!((hit.distance_m - w).abs() < 1e-6, "{} vs {w}", hit.distance_m);
+        assert!(
+            (hit.distance_m - w).abs() < 1e-6,
+            "{} vs {w}",
+            hit.distance_m
+        );
     }
 }
 
@@ -52,13 +56,32 @@ fn assert_same_distances(got: &[NearbyHit], want: &[f64]) {
 fn latest_wins_and_stale_is_ignored() {
     let index = MemoryIndex::new(TTL);
     let now = Instant::now();
-    assert_eq!(index.upsert(&pos("a", 1.0, 1.0, Status::Online, 200), now), Upsert::Applied);
-    assert_eq!(index.upsert(&pos("a", 2.0, 2.0, Status::Busy, 100), now), Upsert::Stale);
+    assert_eq!(
+        index.upsert(&pos("a", 1.0, 1.0, Status::Online, 200), now),
+        Upsert::Applied
+    );
+    assert_eq!(
+        index.upsert(&pos("a", 2.0, 2.0, Status::Busy, 100), now),
+        Upsert::Stale
+    );
     let got = index.get("a", now).unwrap();
-    assert_eq!((got.lat_e6, got.timestamp, got.status), (1_000_000, 200, Status::Online));
-    assert_eq!(index.upsert(&pos("a", 3.0, 3.0, Status::Busy, 300), now), Upsert::Applied);
+    assert_eq!(
+        (got.lat_e6, got.timestamp, got.status),
+        (1_000_000, 200, Status::Online)
+    );
+    assert_eq!(
+        index.upsert(&pos("a", 3.0, 3.0, Status::Busy, 300), now),
+        Upsert::Applied
+    );
     assert_eq!(index.get("a", now).unwrap().lat_e6, 3_000_000);
-    assert_eq!(index.counts(), StatusCounts { online: 0, busy: 1, offline: 0 });
+    assert_eq!(
+        index.counts(),
+        StatusCounts {
+            online: 0,
+            busy: 1,
+            offline: 0
+        }
+    );
     assert!(index.get("b", now).is_none());
 }
 
@@ -79,7 +102,16 @@ fn moving_between_cells_keeps_the_grid_consistent() {
     let now = Instant::now();
     // Many drivers in one cell, then move them out one by one; each search must see exactly the rest.
     for i in 0..50 {
-        index.upsert(&pos(&format!("d{i}"), 10.0001 + i as f64 * 1e-5, 20.0001, Status::Online, 1), now);
+        index.upsert(
+            &pos(
+                &format!("d{i}"),
+                10.0001 + i as f64 * 1e-5,
+                20.0001,
+                Status::Online,
+                1,
+            ),
+            now,
+        );
     }
     for i in 0..50 {
         index.upsert(&pos(&format!("d{i}"), 11.0, 21.0, Status::Online, 2), now);
@@ -129,14 +161,26 @@ fn ttl_hides_then_expire_reclaims() {
     assert!(index.get("old", t2).is_none());
     assert!(index.get("new", t2).is_some());
     let hits = index.nearby(&query(1.0, 1.0, 100.0, 10), t2);
-    assert_eq!(hits.iter().map(|h| h.driver_id.as_str()).collect::<Vec<_>>(), ["new"]);
+    assert_eq!(
+        hits.iter()
+            .map(|h| h.driver_id.as_str())
+            .collect::<Vec<_>>(),
+        ["new"]
+    );
     assert_eq!(index.counts().total(), 2);
     assert_eq!(index.expire(t2), 1);
     assert_eq!(index.counts().total(), 1);
     // The freed slot is reused, and an expired driver that reports again starts afresh.
     index.upsert(&pos("old", 5.0, 5.0, Status::Busy, 0), t2);
     assert_eq!(index.get("old", t2).unwrap().lat_e6, 5_000_000);
-    assert_eq!(index.counts(), StatusCounts { online: 1, busy: 1, offline: 0 });
+    assert_eq!(
+        index.counts(),
+        StatusCounts {
+            online: 1,
+            busy: 1,
+            offline: 0
+        }
+    );
 }
 
 #[test]
@@ -145,7 +189,10 @@ fn expired_driver_reporting_an_older_timestamp_is_applied() {
     let t0 = Instant::now();
     index.upsert(&pos("a", 1.0, 1.0, Status::Online, 500), t0);
     let t1 = t0 + Duration::from_secs(2);
-    assert_eq!(index.upsert(&pos("a", 2.0, 2.0, Status::Online, 100), t1), Upsert::Applied);
+    assert_eq!(
+        index.upsert(&pos("a", 2.0, 2.0, Status::Online, 100), t1),
+        Upsert::Applied
+    );
     assert_eq!(index.get("a", t1).unwrap().timestamp, 100);
 }
 
@@ -155,13 +202,25 @@ fn exactly_the_nearest_in_a_dense_cluster() {
     let now = Instant::now();
     let mut rng = 7u64;
     let mut next = || {
-        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (rng >> 11) as f64 / (1u64 << 53) as f64
     };
     let drivers: Vec<Position> = (0..20_000)
         .map(|i| {
-            let status = if i % 7 == 0 { Status::Busy } else { Status::Online };
-            pos(&format!("d{i}"), 31.2 + next() * 0.06, 121.45 + next() * 0.06, status, 1)
+            let status = if i % 7 == 0 {
+                Status::Busy
+            } else {
+                Status::Online
+            };
+            pos(
+                &format!("d{i}"),
+                31.2 + next() * 0.06,
+                121.45 + next() * 0.06,
+                status,
+                1,
+            )
         })
         .collect();
     for p in &drivers {

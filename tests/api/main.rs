@@ -1,0 +1,9 @@
+//! Black-box tests: each starts the real binary on an ephemeral port and speaks HTTP to it. All in
+//! one test binary so the suite links once.
+
+mod drivers;
+mod errors;
+mod lifecycle;
+mod locations;
+mod ops;
+mod support;
