@@ -117,8 +117,11 @@ impl Metrics {
         took: Duration,
     ) {
         let series = (method, route, status);
-        let cached = self.inner.http.read().get(&series).cloned();
-        let histogram = cached.unwrap_or_else(|| {
+        if let Some(histogram) = self.inner.http.read().get(&series) {
+            histogram.record(took.as_secs_f64());
+            return;
+        }
+        let histogram = {
             let labels = vec![
                 Label::new("method", method),
                 Label::new("route", route),
@@ -127,7 +130,7 @@ impl Metrics {
             let key = Key::from_parts(HTTP_DURATION, labels);
             let h = self.inner.recorder.register_histogram(&key, &METADATA);
             self.inner.http.write().entry(series).or_insert(h).clone()
-        });
+        };
         histogram.record(took.as_secs_f64());
     }
 

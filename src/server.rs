@@ -6,11 +6,15 @@ use crate::config::{LogFormat, ServeConfig};
 use crate::metrics::Metrics;
 use crate::tracker::Tracker;
 use anyhow::Context;
-use axum::serve::ListenerExt;
-use std::io::Write;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Sets up logging; `RUST_LOG` overrides the default level (info).
 pub fn init_logging(format: LogFormat) {
@@ -18,6 +22,7 @@ pub fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -46,15 +51,72 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     std::io::stdout().flush().ok();
 
     let app = api::router(tracker.clone());
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("server error")?;
+    serve_connections(listener, app, shutdown).await;
     tracing::info!("fleettracker stopped");
     Ok(())
+}
+
+/// Longest a shutdown waits for in-flight requests before closing their connections.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// Accepts connections and serves HTTP/1.1 on each (with upgrades, for WebSocket) until `shutdown`
+/// resolves, then stops accepting and waits for in-flight requests (at most [`DRAIN_LIMIT`]).
+/// The loop is ours rather than `axum::serve` so that connection settings (timeouts, limits) live
+/// in one visible place.
+async fn serve_connections(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let draining = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = http
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let draining = draining.clone();
+        connections.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = draining.cancelled() => {
+                    // Finish the request in flight, if any, then close.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    draining.cancel();
+    connections.close();
+    if tokio::time::timeout(DRAIN_LIMIT, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests still running after {DRAIN_LIMIT:?}; closing them");
+    }
 }
 
 fn spawn_background_jobs(tracker: &Arc<Tracker>, ttl: Duration) {

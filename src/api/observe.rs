@@ -58,14 +58,22 @@ fn caller_request_id(value: Option<&HeaderValue>) -> Option<HeaderValue> {
     ok.then(|| value.clone())
 }
 
-/// A new id: a per-process random prefix and a counter, unique without a random draw per request.
+/// A new id: a per-process random prefix and a counter, unique without a random draw per request
+/// and formatted without allocating a `String`.
 fn new_request_id() -> HeaderValue {
     static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let prefix = *PREFIX.get_or_init(rand::random);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let text = format!("{prefix:08x}-{n:012x}");
-    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    let mut text = [b'-'; 21]; // 8 hex digits, '-', 12 hex digits
+    for i in 0..8 {
+        text[i] = HEX[(prefix >> (28 - 4 * i)) as usize & 15];
+    }
+    for i in 0..12 {
+        text[9 + i] = HEX[(n >> (44 - 4 * i)) as usize & 15];
+    }
+    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 pub async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {

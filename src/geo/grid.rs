@@ -107,6 +107,97 @@ fn lon_gap(lon: f64, min: f64, max: f64) -> f64 {
     to_min.min(from_max).min(PI)
 }
 
+/// Levels of coarser blocks above the cells: a block of level `L` covers 8^L × 8^L cells (level 1
+/// about 1.8 km, level 2 about 14 km, level 3 about 110 km north–south).
+pub const BLOCK_LEVELS: u8 = 3;
+
+/// A square of cells at some level, used to skip empty space quickly: the live index records, per
+/// block, which of its 64 children are occupied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Block {
+    pub level: u8,
+    pub row: i32,
+    pub col: i32,
+}
+
+impl Block {
+    pub fn of_cell(cell: Cell) -> Block {
+        Block {
+            level: 0,
+            row: cell.row,
+            col: cell.col,
+        }
+    }
+
+    pub fn cell(self) -> Cell {
+        Cell {
+            row: self.row,
+            col: self.col,
+        }
+    }
+
+    /// The block one level up, and this block's bit (0..64) in its parent's child mask.
+    pub fn parent(self) -> (Block, u32) {
+        let bit = ((self.row & 7) * 8 + (self.col & 7)) as u32;
+        let parent = Block {
+            level: self.level + 1,
+            row: self.row >> 3,
+            col: self.col >> 3,
+        };
+        (parent, bit)
+    }
+
+    /// The child at `bit` of this block's child mask.
+    pub fn child(self, bit: u32) -> Block {
+        Block {
+            level: self.level - 1,
+            row: self.row * 8 + (bit / 8) as i32,
+            col: self.col * 8 + (bit % 8) as i32,
+        }
+    }
+
+    /// Key within its level.
+    pub fn key(self) -> u64 {
+        self.cell().key()
+    }
+
+    pub fn from_key(level: u8, key: u64) -> Block {
+        let c = Cell::from_key(key);
+        Block {
+            level,
+            row: c.row,
+            col: c.col,
+        }
+    }
+
+    /// Whether the block holds any cell of the grid (edge blocks are partial, some beyond it).
+    pub fn exists(self) -> bool {
+        let shift = 3 * self.level as u32;
+        (self.row << shift) < GRID_ROWS && (self.col << shift) < GRID_COLS
+    }
+
+    /// The block's extent, clipped to the grid.
+    pub fn bounds(self) -> CellBounds {
+        let shift = 3 * self.level as u32;
+        let first = Cell {
+            row: self.row << shift,
+            col: self.col << shift,
+        }
+        .bounds();
+        let last = Cell {
+            row: (((self.row + 1) << shift) - 1).min(GRID_ROWS - 1),
+            col: (((self.col + 1) << shift) - 1).min(GRID_COLS - 1),
+        }
+        .bounds();
+        CellBounds {
+            lat_min: first.lat_min,
+            lat_max: last.lat_max,
+            lon_min: first.lon_min,
+            lon_max: last.lon_max,
+        }
+    }
+}
+
 /// The grid as a whole: which cells lie on a ring around a centre cell.
 pub struct Grid;
 
@@ -172,6 +263,31 @@ mod tests {
         assert_eq!(Cell::of(0, 180_000_000).col, Cell::of(0, -180_000_000).col);
         let c = Cell::of(31_230_000, 121_470_000);
         assert_eq!(Cell::from_key(c.key()), c);
+    }
+
+    #[test]
+    fn blocks_nest() {
+        let cell = Cell::of(31_230_000, 121_470_000);
+        let mut block = Block::of_cell(cell);
+        for level in 1..=BLOCK_LEVELS {
+            let (parent, bit) = block.parent();
+            assert_eq!(parent.level, level);
+            assert_eq!(parent.child(bit), block);
+            let (pb, bb) = (parent.bounds(), block.bounds());
+            assert!(pb.lat_min <= bb.lat_min && pb.lat_max >= bb.lat_max);
+            assert!(pb.lon_min <= bb.lon_min && pb.lon_max >= bb.lon_max);
+            block = parent;
+        }
+        // Edge blocks are clipped to the grid.
+        let top = Block {
+            level: 3,
+            row: (GRID_ROWS - 1) >> 9,
+            col: (GRID_COLS - 1) >> 9,
+        };
+        let b = top.bounds();
+        assert!((b.lat_max - std::f64::consts::FRAC_PI_2).abs() < 1e-12);
+        assert!((b.lon_max - std::f64::consts::PI).abs() < 1e-12);
+        assert!(!top.child(63).exists() || top.child(63).bounds().lat_max <= b.lat_max);
     }
 
     #[test]

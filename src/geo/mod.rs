@@ -7,7 +7,7 @@
 
 mod grid;
 
-pub use grid::{Cell, CellBounds, Grid, CELL_E6, GRID_COLS, GRID_ROWS};
+pub use grid::{Block, Cell, CellBounds, Grid, BLOCK_LEVELS, CELL_E6, GRID_COLS, GRID_ROWS};
 
 /// Mean Earth radius (IUGG), in metres.
 pub const EARTH_RADIUS_M: f64 = 6_371_008.8;

@@ -16,7 +16,7 @@
 
 use super::{NearbyHit, NearbyQuery, StatusCounts, Upsert};
 use crate::domain::{DriverId, Micros, Position, Status, StatusSet};
-use crate::geo::{hav_to_meters, meters_to_hav, Cell, Grid, RAD_PER_E6};
+use crate::geo::{hav_to_meters, meters_to_hav, Block, Cell, Grid, BLOCK_LEVELS, RAD_PER_E6};
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use parking_lot::{RwLock, RwLockReadGuard};
 use std::cmp::Ordering;
@@ -103,6 +103,8 @@ struct Shard {
     free: Vec<u32>,
     by_id: HashTable<u32>,
     cells: HashMap<u64, Vec<CellEntry>>,
+    /// Per level 1..=3, block key → mask of its occupied children (see [`Block`]).
+    blocks: [HashMap<u64, u64>; BLOCK_LEVELS as usize],
     counts: [u64; 3],
 }
 
@@ -211,7 +213,13 @@ impl Shard {
             self.remove_from_cell(old_cell.key(), old_pos);
         }
         let new_pos = if indexed {
-            let entries = self.cells.entry(new_cell.key()).or_default();
+            let entries = match self.cells.entry(new_cell.key()) {
+                hashbrown::hash_map::Entry::Occupied(e) => e.into_mut(),
+                hashbrown::hash_map::Entry::Vacant(e) => {
+                    mark_occupied(&mut self.blocks, new_cell);
+                    e.insert(Vec::new())
+                }
+            };
             entries.push(CellEntry::new(slot, p));
             (entries.len() - 1) as u32
         } else {
@@ -228,6 +236,7 @@ impl Shard {
         let moved = entries.get(pos as usize).map(|e| e.slot());
         if entries.is_empty() {
             self.cells.remove(&key);
+            mark_empty(&mut self.blocks, Cell::from_key(key));
         } else if entries.capacity() > 16 && entries.len() < entries.capacity() / 4 {
             entries.shrink_to(entries.capacity() / 2);
         }
@@ -264,6 +273,39 @@ impl Shard {
             removed += 1;
         }
         removed
+    }
+}
+
+/// Records that `cell` became occupied in every block above it (stops at the first block that
+/// already had an occupied child: its ancestors know already).
+fn mark_occupied(blocks: &mut [HashMap<u64, u64>; BLOCK_LEVELS as usize], cell: Cell) {
+    let mut child = Block::of_cell(cell);
+    for level in 0..BLOCK_LEVELS as usize {
+        let (parent, bit) = child.parent();
+        let mask = blocks[level].entry(parent.key()).or_insert(0);
+        let had_children = *mask != 0;
+        *mask |= 1 << bit;
+        if had_children {
+            return;
+        }
+        child = parent;
+    }
+}
+
+/// Records that `cell` became empty, clearing blocks upwards while they become empty too.
+fn mark_empty(blocks: &mut [HashMap<u64, u64>; BLOCK_LEVELS as usize], cell: Cell) {
+    let mut child = Block::of_cell(cell);
+    for level in 0..BLOCK_LEVELS as usize {
+        let (parent, bit) = child.parent();
+        let Some(mask) = blocks[level].get_mut(&parent.key()) else {
+            return;
+        };
+        *mask &= !(1 << bit);
+        if *mask != 0 {
+            return;
+        }
+        blocks[level].remove(&parent.key());
+        child = parent;
     }
 }
 
@@ -374,15 +416,18 @@ impl Ord for Candidate {
     }
 }
 
-/// One nearby search over read-locked shards.
+/// One nearby search over read-locked shards, in two phases.
 ///
-/// Rings of cells are visited outwards from the point's cell. A cell is scanned only if its lower
-/// bound ([`crate::geo::CellBounds::min_hav`]) can beat the current bound (the radius, or the
-/// `limit`-th best so far once the heap is full). The search ends after a ring whose every cell is
-/// beyond the bound: any point outside the rings visited is at least as far as some cell of the last
-/// ring, since the great circle to it crosses that ring. When the rings would visit more cells than
-/// are occupied in the whole index (sparse data, huge radius, near the poles) it scans the occupied
-/// cells instead, so the cost is bounded by the smaller of the two.
+/// 1. Rings of cells outwards from the point's cell. A cell is scanned only if its lower bound
+///    ([`crate::geo::CellBounds::min_hav`]) can beat the current bound (the radius, or the
+///    `limit`-th best so far once the heap is full). The search ends after a ring whose every cell is
+///    beyond the bound: any point outside the rings visited is at least as far as some cell of the
+///    last ring, since the great circle to it crosses that ring. In a dense city this ends after one
+///    or two rings.
+/// 2. If [`RING_PHASE`] rings were not enough (sparse data, a large radius, near the poles), a
+///    best-first descent through the occupied [`Block`]s, nearest lower bound first, skipping the
+///    cells phase 1 scanned. Its cost follows the occupied space, not the area of the circle, so an
+///    empty 100 km circle is as cheap as a small one.
 struct Search<'a> {
     shards: &'a [RwLockReadGuard<'a, Shard>],
     fresh: Freshness,
@@ -395,6 +440,32 @@ struct Search<'a> {
     limit: usize,
     statuses: StatusSet,
     heap: BinaryHeap<Candidate>,
+}
+
+/// Rings visited before switching to the block descent (13 × 13 cells, about 2.8 km across).
+const RING_PHASE: i32 = 6;
+
+/// A block waiting in the descent queue, nearest lower bound first.
+struct Pending {
+    lb: f64,
+    block: Block,
+}
+
+impl PartialEq for Pending {
+    fn eq(&self, other: &Self) -> bool {
+        self.lb == other.lb
+    }
+}
+impl Eq for Pending {}
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.lb.total_cmp(&self.lb) // reversed: BinaryHeap pops the smallest bound first
+    }
 }
 
 impl<'a> Search<'a> {
@@ -422,21 +493,9 @@ impl<'a> Search<'a> {
         }
     }
 
-    fn occupied_cells(&self) -> usize {
-        self.shards.iter().map(|s| s.cells.len()).sum()
-    }
-
     fn run(&mut self) {
         let center = Cell::of(self.lat_e6, self.lon_e6);
-        let budget = self.occupied_cells() * 2 + 64;
-        let mut visited = 0usize;
-        for k in 0..=Grid::max_ring(center) {
-            let ring_cells = if k == 0 { 1 } else { 8 * k as usize };
-            if visited + ring_cells > budget {
-                self.scan_occupied_beyond(center, k - 1);
-                return;
-            }
-            visited += ring_cells;
+        for k in 0..=RING_PHASE {
             let mut ring_min = f64::INFINITY;
             Grid::for_each_on_ring(center, k, |cell| {
                 let lb = cell.bounds().min_hav(self.lat, self.lon, self.cos_lat);
@@ -451,29 +510,53 @@ impl<'a> Search<'a> {
                 return;
             }
         }
+        self.descend(center, RING_PHASE);
     }
 
-    /// Scans, nearest first, the occupied cells farther than `k` rings from `center`.
-    fn scan_occupied_beyond(&mut self, center: Cell, k: i32) {
-        let bound = self.bound();
-        let mut cells: Vec<(f64, usize, u64)> = Vec::new();
-        for (shard, guard) in self.shards.iter().enumerate() {
-            for &key in guard.cells.keys() {
-                let cell = Cell::from_key(key);
-                if center.ring_distance(cell) > k {
-                    let lb = cell.bounds().min_hav(self.lat, self.lon, self.cos_lat);
-                    if lb <= bound {
-                        cells.push((lb, shard, key));
+    /// Best-first through the occupied blocks, scanning cells farther than `done` rings from `center`.
+    fn descend(&mut self, center: Cell, done: i32) {
+        let top = BLOCK_LEVELS as usize - 1;
+        let mut roots: Vec<u64> = self
+            .shards
+            .iter()
+            .flat_map(|s| s.blocks[top].keys().copied())
+            .collect();
+        roots.sort_unstable();
+        roots.dedup();
+        let mut queue = BinaryHeap::new();
+        for key in roots {
+            self.enqueue(&mut queue, Block::from_key(BLOCK_LEVELS, key));
+        }
+        while let Some(Pending { lb, block }) = queue.pop() {
+            if lb > self.bound() {
+                return;
+            }
+            if block.level == 0 {
+                if center.ring_distance(block.cell()) > done {
+                    for shard in 0..self.shards.len() {
+                        self.scan_cell(shard, block.key());
                     }
                 }
+                continue;
+            }
+            let level = block.level as usize - 1;
+            let mut children = self
+                .shards
+                .iter()
+                .filter_map(|s| s.blocks[level].get(&block.key()))
+                .fold(0u64, |acc, m| acc | m);
+            while children != 0 {
+                let bit = children.trailing_zeros();
+                children &= children - 1;
+                self.enqueue(&mut queue, block.child(bit));
             }
         }
-        cells.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
-        for (lb, shard, key) in cells {
-            if lb > self.bound() {
-                break;
-            }
-            self.scan_cell(shard, key);
+    }
+
+    fn enqueue(&self, queue: &mut BinaryHeap<Pending>, block: Block) {
+        let lb = block.bounds().min_hav(self.lat, self.lon, self.cos_lat);
+        if lb <= self.bound() {
+            queue.push(Pending { lb, block });
         }
     }
 
