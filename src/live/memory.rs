@@ -280,9 +280,9 @@ impl Shard {
 /// already had an occupied child: its ancestors know already).
 fn mark_occupied(blocks: &mut [HashMap<u64, u64>; BLOCK_LEVELS as usize], cell: Cell) {
     let mut child = Block::of_cell(cell);
-    for level in 0..BLOCK_LEVELS as usize {
+    for level_blocks in blocks.iter_mut() {
         let (parent, bit) = child.parent();
-        let mask = blocks[level].entry(parent.key()).or_insert(0);
+        let mask = level_blocks.entry(parent.key()).or_insert(0);
         let had_children = *mask != 0;
         *mask |= 1 << bit;
         if had_children {
@@ -295,16 +295,16 @@ fn mark_occupied(blocks: &mut [HashMap<u64, u64>; BLOCK_LEVELS as usize], cell: 
 /// Records that `cell` became empty, clearing blocks upwards while they become empty too.
 fn mark_empty(blocks: &mut [HashMap<u64, u64>; BLOCK_LEVELS as usize], cell: Cell) {
     let mut child = Block::of_cell(cell);
-    for level in 0..BLOCK_LEVELS as usize {
+    for level_blocks in blocks.iter_mut() {
         let (parent, bit) = child.parent();
-        let Some(mask) = blocks[level].get_mut(&parent.key()) else {
+        let Some(mask) = level_blocks.get_mut(&parent.key()) else {
             return;
         };
         *mask &= !(1 << bit);
         if *mask != 0 {
             return;
         }
-        blocks[level].remove(&parent.key());
+        level_blocks.remove(&parent.key());
         child = parent;
     }
 }
