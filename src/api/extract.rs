@@ -6,7 +6,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use serde::de::DeserializeOwned;
 
 /// Largest accepted request body.
@@ -47,20 +47,30 @@ pub fn json_error(e: serde_json::Error, body: &[u8]) -> ApiError {
     ApiError::MalformedJson(format!("request body is not valid JSON: {syntax}"))
 }
 
+/// Reads the whole body, refusing more than [`MAX_BODY_BYTES`] (checked while reading, so a large
+/// or endless body is cut off without being buffered).
+async fn read_body(req: Request) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|e| {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::MalformedJson(format!("could not read the request body: {e}"))
+            }
+        })
+}
+
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
         if !is_json(req.headers()) {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::MalformedJson(format!("could not read the request body: {rejection}"))
-            }
-        })?;
+        let bytes = read_body(req).await?;
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| json_error(e, &bytes))

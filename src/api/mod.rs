@@ -11,11 +11,9 @@ mod observe;
 pub mod ops;
 
 use crate::tracker::Tracker;
-use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use std::sync::Arc;
-use tower_http::catch_panic::CatchPanicLayer;
 use utoipa_swagger_ui::SwaggerUi;
 
 /// What every handler gets.
@@ -42,13 +40,7 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
         .merge(api)
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
-        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
-        .layer(CatchPanicLayer::custom(|_| {
-            use axum::response::IntoResponse;
-            error::ApiError::Internal.into_response()
-        }))
-        .layer(axum::middleware::from_fn_with_state(
-            state,
-            observe::observe,
-        ))
+        .layer(observe::ObserveLayer {
+            metrics: state.tracker.metrics().clone(),
+        })
 }

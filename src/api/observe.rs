@@ -1,14 +1,25 @@
-//! Per-request observability: the `X-Request-ID` (the caller's, else a new one) on every response
-//! and in every log line of the request, and the `http_request_duration_seconds` histogram labelled
-//! by route *template*.
+//! Per-request observability, as one tower layer around every route: the `X-Request-ID` (the
+//! caller's, else a new one) on every response and in every log line of the request (a `request`
+//! span), the `http_request_duration_seconds` histogram labelled by route *template*, and a panic
+//! turned into a logged 500 JSON answer instead of a dropped connection.
+//!
+//! A hand-written layer rather than `axum::middleware::from_fn`: it runs on every request, and this
+//! form costs one allocation instead of several.
 
-use super::AppState;
-use axum::extract::{MatchedPath, Request, State};
+use super::error::ApiError;
+use crate::metrics::Metrics;
+use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
+use std::convert::Infallible;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Instant;
+use tower::{Layer, Service};
 use tracing::Instrument;
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -76,30 +87,76 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
-pub async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let id = caller_request_id(request.headers().get(&REQUEST_ID)).unwrap_or_else(new_request_id);
-    let method = method_label(request.method());
-    let route = route_label(request.extensions().get::<MatchedPath>());
-    let span = tracing::info_span!(
-        "request",
-        request_id = id.to_str().unwrap_or(""),
-        method,
-        route
-    );
-    let mut response = next.run(request).instrument(span.clone()).await;
-    let status = response.status();
-    if status.is_server_error() {
-        span.in_scope(|| tracing::error!(status = status.as_u16(), "request failed"));
-    } else {
-        span.in_scope(|| tracing::debug!(status = status.as_u16(), "request done"));
+/// Wraps every route in [`Observe`].
+#[derive(Clone)]
+pub struct ObserveLayer {
+    pub metrics: Metrics,
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
-    response.headers_mut().insert(REQUEST_ID.clone(), id);
-    state
-        .tracker
-        .metrics()
-        .record_http(method, route, status.as_u16(), started.elapsed());
-    response
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+impl<S> Service<Request> for Observe<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let started = Instant::now();
+        let id =
+            caller_request_id(request.headers().get(&REQUEST_ID)).unwrap_or_else(new_request_id);
+        let method = method_label(request.method());
+        let route = route_label(request.extensions().get::<MatchedPath>());
+        let span = tracing::info_span!(
+            "request",
+            request_id = id.to_str().unwrap_or(""),
+            method,
+            route
+        );
+        let handled = AssertUnwindSafe(self.inner.call(request)).catch_unwind();
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let mut response = match handled.instrument(span.clone()).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(never)) => match never {},
+                Err(_) => {
+                    span.in_scope(|| tracing::error!("handler panicked"));
+                    ApiError::Internal.into_response()
+                }
+            };
+            let status = response.status();
+            if status.is_server_error() {
+                span.in_scope(|| tracing::error!(status = status.as_u16(), "request failed"));
+            } else {
+                span.in_scope(|| tracing::debug!(status = status.as_u16(), "request done"));
+            }
+            response.headers_mut().insert(REQUEST_ID.clone(), id);
+            metrics.record_http(method, route, status.as_u16(), started.elapsed());
+            Ok(response)
+        })
+    }
 }
 
 #[cfg(test)]
