@@ -133,26 +133,27 @@ where
         let span = tracing::info_span!("request", request_id = %id.to_str().unwrap_or(""));
         let handled = AssertUnwindSafe(self.inner.call(request)).catch_unwind();
         let metrics = self.metrics.clone();
-        Box::pin(async move {
-            let mut response = match handled.instrument(span.clone()).await {
+        let observed = async move {
+            let mut response = match handled.await {
                 Ok(Ok(response)) => response,
                 Ok(Err(never)) => match never {},
                 Err(_) => {
-                    span.in_scope(|| tracing::error!("handler panicked"));
+                    tracing::error!(method, route, "handler panicked");
                     ApiError::Internal.into_response()
                 }
             };
             let status = response.status();
             let code = status.as_u16();
             if status.is_server_error() {
-                span.in_scope(|| tracing::error!(method, route, status = code, "request failed"));
+                tracing::error!(method, route, status = code, "request failed");
             } else {
-                span.in_scope(|| tracing::debug!(method, route, status = code, "request done"));
+                tracing::debug!(method, route, status = code, "request done");
             }
             response.headers_mut().insert(REQUEST_ID.clone(), id);
-            metrics.record_http(method, route, status.as_u16(), started.elapsed());
+            metrics.record_http(method, route, code, started.elapsed());
             Ok(response)
-        })
+        };
+        Box::pin(observed.instrument(span))
     }
 }
 
