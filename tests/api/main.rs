@@ -6,4 +6,5 @@ mod errors;
 mod lifecycle;
 mod locations;
 mod ops;
+mod simulate;
 mod support;
