@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 #[path = "city.rs"]
 mod city;
 
+/// The server's allocator, so the figure is the server's.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm

@@ -34,7 +34,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// mimalloc instead of glibc malloc: per-request allocations (hyper buffers, headers, JSON) are
-/// small and short-lived, and glibc's consolidation showed up in profiles of the POST path.
+/// jemalloc instead of glibc malloc. Measured (BENCHMARKS.md): per-request allocations made glibc's
+/// malloc/free/consolidation ~9% of the POST path's CPU, and jemalloc keeps the index's memory at
+/// ~105 B/driver where mimalloc, equally fast, fragmented it to ~150 B/driver.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

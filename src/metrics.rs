@@ -15,12 +15,12 @@
 
 use crate::domain::Status;
 use crate::live::StatusCounts;
+use hashbrown::HashMap;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 use parking_lot::RwLock;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
