@@ -200,6 +200,18 @@ impl NearbyParams {
     }
 }
 
+/// A driver id from a path, checked like a reported one (422 naming `driver_id` when invalid).
+pub fn check_driver_id(driver_id: &str) -> Result<(), ApiError> {
+    if is_valid_driver_id(driver_id) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_field(
+            "driver_id",
+            "must be 1-64 characters of A-Z a-z 0-9 _ . : @ -",
+        ))
+    }
+}
+
 /// The nearest drivers to a point within a radius, nearest first.
 #[utoipa::path(
     get, path = "/v1/drivers/nearby", tag = "drivers",
@@ -237,12 +249,7 @@ pub async fn get_driver(
     State(state): State<AppState>,
     Path(driver_id): Path<String>,
 ) -> Result<Json<DriverResponse>, ApiError> {
-    if !is_valid_driver_id(&driver_id) {
-        return Err(ApiError::invalid_field(
-            "driver_id",
-            "must be 1-64 characters of A-Z a-z 0-9 _ . : @ -",
-        ));
-    }
+    check_driver_id(&driver_id)?;
     state
         .tracker
         .driver(&driver_id)
