@@ -149,11 +149,13 @@ impl Shard {
         (full + last.len() - 1) as u32
     }
 
+    /// `seen` is when the position was received, in ticks (now, or earlier when restoring).
     fn upsert(
         &mut self,
         hash: u64,
         p: &Position,
         fresh: Freshness,
+        seen: u32,
         hasher: &DefaultHashBuilder,
     ) -> Upsert {
         let slot = match self.find(hash, &p.driver_id) {
@@ -184,7 +186,7 @@ impl Shard {
         rec.lon_e6 = p.lon_e6;
         rec.timestamp = p.timestamp;
         rec.status = p.status as u8;
-        rec.seen = fresh.now;
+        rec.seen = seen;
         rec.speed = opt_to_f32(p.speed_mps);
         rec.heading = opt_to_f32(p.heading_deg);
         rec.accuracy = opt_to_f32(p.accuracy_m);
@@ -350,9 +352,38 @@ impl MemoryIndex {
     /// Makes `p` the driver's latest position unless the driver already has a newer one.
     pub fn upsert(&self, p: &Position, now: Instant) -> Upsert {
         let (hash, shard) = self.locate(&p.driver_id);
+        let fresh = self.freshness(now);
         shard
             .write()
-            .upsert(hash, p, self.freshness(now), &self.hasher)
+            .upsert(hash, p, fresh, fresh.now, &self.hasher)
+    }
+
+    /// Like [`MemoryIndex::upsert`] for a position received `age` ago (replaying the log, loading a
+    /// snapshot): it expires when it would have had it never been interrupted. Too old: `Expired`.
+    pub fn restore(&self, p: &Position, now: Instant, age: Duration) -> Upsert {
+        let fresh = self.freshness(now);
+        let age_ticks = (age.as_millis() / TICK_MS).min(u32::MAX as u128) as u32;
+        if age_ticks >= fresh.ttl {
+            return Upsert::Expired;
+        }
+        let (hash, shard) = self.locate(&p.driver_id);
+        let seen = fresh.now.wrapping_sub(age_ticks);
+        shard.write().upsert(hash, p, fresh, seen, &self.hasher)
+    }
+
+    /// Calls `visit` with every live driver's latest position and how long ago it was received,
+    /// one shard at a time (each shard is read-locked only while it is visited).
+    pub fn for_each_live(&self, now: Instant, mut visit: impl FnMut(&Position, Duration)) {
+        let fresh = self.freshness(now);
+        for shard in self.shards.iter() {
+            let shard = shard.read();
+            for rec in shard.chunks.iter().flatten() {
+                if !rec.id.is_empty() && fresh.is_live(rec.seen) {
+                    let age_ms = fresh.now.wrapping_sub(rec.seen) as u64 * TICK_MS as u64;
+                    visit(&rec.to_position(), Duration::from_millis(age_ms));
+                }
+            }
+        }
     }
 
     /// The driver's latest position, if it reported within the TTL.

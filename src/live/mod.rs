@@ -17,6 +17,8 @@ pub enum Upsert {
     Applied,
     /// The driver already has a newer position; this one was accepted but is not the latest.
     Stale,
+    /// Restored from before a restart but older than the TTL: not live any more.
+    Expired,
 }
 
 /// A nearby search: the `limit` nearest drivers within `radius_m` of a point whose status is in

@@ -297,3 +297,39 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn restored_positions_keep_their_age() {
+    let index = MemoryIndex::new(Duration::from_secs(10));
+    let now = Instant::now() + Duration::from_secs(3600);
+    assert_eq!(
+        index.restore(
+            &pos("young", 1.0, 1.0, Status::Online, 1),
+            now,
+            Duration::from_secs(4)
+        ),
+        Upsert::Applied
+    );
+    assert_eq!(
+        index.restore(
+            &pos("old", 1.0, 1.0, Status::Online, 1),
+            now,
+            Duration::from_secs(11)
+        ),
+        Upsert::Expired
+    );
+    assert!(index.get("old", now).is_none());
+    assert!(index.get("young", now + Duration::from_secs(5)).is_some());
+    assert!(index.get("young", now + Duration::from_secs(7)).is_none());
+    let mut seen = Vec::new();
+    index.for_each_live(now + Duration::from_secs(1), |p, age| {
+        seen.push((p.driver_id.to_string(), age))
+    });
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].0, "young");
+    assert!(
+        seen[0].1 >= Duration::from_millis(4990) && seen[0].1 <= Duration::from_millis(5010),
+        "{:?}",
+        seen[0].1
+    );
+}
