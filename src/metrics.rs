@@ -6,6 +6,16 @@
 //! | `http_request_duration_seconds` | histogram | `method`, `route` (template), `status` (code) |
 //! | `location_store_write_seconds` | histogram | — |
 //! | `drivers_active` | gauge | `status` |
+//! | `stream_subscribers` | gauge | `transport` (`ws`, `sse`) |
+//! | `stream_messages_sent_total` | counter | `transport` |
+//! | `stream_messages_dropped_total` | counter | `reason` (`coalesced`, `closed`, `resubscribed`) |
+//! | `stream_subscribers_closed_total` | counter | `reason` (`client`, `too_slow`, `shutdown`, `policy`, `error`) |
+//! | `ingest_connections` | gauge | — |
+//! | `ingest_messages_total` | counter | `result` (`ack`, `error`) |
+//! | `ingest_connections_closed_total` | counter | `reason` (`client`, `shutdown`, `policy`, `error`) |
+//!
+//! The stream and ingest series are registered (through [`Metrics::counter`] and
+//! [`Metrics::gauge`]) by [`crate::hub`], which keeps their handles.
 //!
 //! No label carries a driver id or any other unbounded value: routes are templates, unknown paths
 //! are `unmatched`, unknown methods `other`.
@@ -134,6 +144,33 @@ impl Metrics {
         histogram.record(took.as_secs_f64());
     }
 
+    /// Registers a counter series whose handle the caller keeps (for metrics recorded outside
+    /// this module, like the stream hub's). Label values must come from a fixed set.
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+        let key = series_key(name, labels);
+        self.inner.recorder.register_counter(&key, &METADATA)
+    }
+
+    /// Registers a gauge series whose handle the caller keeps (see [`Metrics::counter`]).
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Gauge {
+        let key = series_key(name, labels);
+        self.inner.recorder.register_gauge(&key, &METADATA)
+    }
+
+    /// The `# HELP` text of a counter registered through [`Metrics::counter`].
+    pub fn describe_counter(&self, name: &'static str, help: &'static str) {
+        self.inner
+            .recorder
+            .describe_counter(name.into(), None, help.into());
+    }
+
+    /// The `# HELP` text of a gauge registered through [`Metrics::gauge`].
+    pub fn describe_gauge(&self, name: &'static str, help: &'static str) {
+        self.inner
+            .recorder
+            .describe_gauge(name.into(), None, help.into());
+    }
+
     /// The Prometheus text exposition, with gauges refreshed from `counts`.
     pub fn render(&self, counts: StatusCounts) -> String {
         for status in Status::ALL {
@@ -152,6 +189,11 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+fn series_key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
+    let labels: Vec<Label> = labels.iter().map(|&(k, v)| Label::new(k, v)).collect();
+    Key::from_parts(name, labels)
 }
 
 fn describe(recorder: &PrometheusRecorder) {

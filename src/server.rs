@@ -62,6 +62,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 
     let app = api::router(tracker.clone());
     serve_connections(listener, app, shutdown).await;
+    // WebSocket streams and device connections outlive their requests; draining told them to
+    // close: let their close frames go out before the process exits.
+    tracker.hub().wait_closed(Duration::from_secs(5)).await;
     tracing::info!("fleettracker stopped");
     Ok(())
 }

@@ -100,7 +100,7 @@ impl From<NearbyHit> for NearbyDriver {
 }
 
 /// Parses a number parameter within `min..=max`, recording an error by name when it is not one.
-fn number_param(
+pub(super) fn number_param(
     errors: &mut Vec<FieldError>,
     name: &str,
     value: Option<&str>,
@@ -132,7 +132,7 @@ fn number_param(
     }
 }
 
-fn status_param(errors: &mut Vec<FieldError>, value: Option<&str>) -> StatusSet {
+pub(super) fn status_param(errors: &mut Vec<FieldError>, value: Option<&str>) -> StatusSet {
     let Some(text) = value else {
         return StatusSet::WORKING;
     };

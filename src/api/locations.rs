@@ -4,7 +4,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::JsonBody;
 use super::AppState;
 use crate::domain::field::deserialize_object_or_kind;
-use crate::domain::{now_micros, validate_position, FieldError, Position, PositionInput};
+use crate::domain::{now_micros, validate_position, FieldError, Micros, Position, PositionInput};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
@@ -56,7 +56,7 @@ pub struct BatchInput {
 }
 
 /// One-line summary of a position's field errors.
-fn summary(errors: &[FieldError]) -> String {
+pub(super) fn summary(errors: &[FieldError]) -> String {
     let parts: Vec<String> = errors
         .iter()
         .map(|e| format!("{} {}", e.field, e.message))
@@ -114,6 +114,37 @@ pub async fn post_batch(
     State(state): State<AppState>,
     JsonBody(input): JsonBody<BatchInput>,
 ) -> Result<(StatusCode, Json<BatchAccepted>), ApiError> {
+    let batch = check_batch(input, now_micros())?;
+    if batch.positions.is_empty() {
+        return Err(ApiError::validation(
+            "no valid position in the batch",
+            batch.errors,
+        ));
+    }
+    state.tracker.apply(&batch.positions);
+    let accepted = batch.positions.len();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(BatchAccepted {
+            accepted,
+            rejected: batch.rejected,
+        }),
+    ))
+}
+
+/// A batch checked entry by entry (shared with the device WebSocket, `ingest`).
+pub(super) struct CheckedBatch {
+    pub positions: Vec<Position>,
+    pub rejected: Vec<Rejected>,
+    /// Every field error, named `locations[i].field`.
+    pub errors: Vec<FieldError>,
+}
+
+/// Checks the batch's size (1 to [`MAX_BATCH`]), then every entry.
+pub(super) fn check_batch(
+    input: BatchInput,
+    received_at: Micros,
+) -> Result<CheckedBatch, ApiError> {
     let entries = input
         .locations
         .ok_or_else(|| ApiError::invalid_field("locations", "is required"))?;
@@ -126,7 +157,6 @@ pub async fn post_batch(
             ),
         ));
     }
-    let received_at = now_micros();
     let mut positions: Vec<Position> = Vec::with_capacity(entries.len());
     let mut rejected = Vec::new();
     let mut all_errors = Vec::new();
@@ -153,16 +183,9 @@ pub async fn post_batch(
             }
         }
     }
-    if positions.is_empty() {
-        return Err(ApiError::validation(
-            "no valid position in the batch",
-            all_errors,
-        ));
-    }
-    state.tracker.apply(&positions);
-    let accepted = positions.len();
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(BatchAccepted { accepted, rejected }),
-    ))
+    Ok(CheckedBatch {
+        positions,
+        rejected,
+        errors: all_errors,
+    })
 }

@@ -6,9 +6,12 @@ pub mod docs;
 pub mod drivers;
 pub mod error;
 pub mod extract;
+pub mod ingest;
 pub mod locations;
 mod observe;
 pub mod ops;
+mod socket;
+pub mod stream;
 
 use crate::tracker::Tracker;
 use axum::routing::{get, post};
@@ -30,6 +33,9 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
         .route("/v1/locations/batch", post(locations::post_batch))
         .route("/v1/drivers/nearby", get(drivers::nearby))
         .route("/v1/drivers/{driver_id}", get(drivers::get_driver))
+        .route("/v1/stream", get(stream::stream_ws))
+        .route("/v1/stream/sse", get(stream::stream_sse))
+        .route("/v1/ingest", get(ingest::ingest))
         .route("/v1/stats", get(ops::stats))
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))

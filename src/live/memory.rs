@@ -14,7 +14,7 @@
 //! - Expiry is checked wherever a driver is read, so a silent driver vanishes exactly at its TTL;
 //!   [`MemoryIndex::expire`] reclaims the memory and the counts in the background.
 
-use super::{NearbyHit, NearbyQuery, StatusCounts, Upsert};
+use super::{BoxQuery, NearbyHit, NearbyQuery, StatusCounts, Upsert};
 use crate::domain::{DriverId, Micros, Position, Status, StatusSet};
 use crate::geo::{hav_to_meters, meters_to_hav, Block, Cell, Grid, BLOCK_LEVELS, RAD_PER_E6};
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
@@ -247,8 +247,14 @@ impl Shard {
         }
     }
 
-    /// Removes every driver whose TTL ran out; returns how many.
-    fn expire(&mut self, fresh: Freshness, hasher: &DefaultHashBuilder) -> usize {
+    /// Removes every driver whose TTL ran out, handing each one's last position to
+    /// `removed_position`; returns how many.
+    fn expire(
+        &mut self,
+        fresh: Freshness,
+        hasher: &DefaultHashBuilder,
+        removed_position: &mut impl FnMut(Position),
+    ) -> usize {
         let mut removed = 0;
         for slot in 0..(self.chunks.len() * CHUNK) as u32 {
             let Some(rec) = self
@@ -261,6 +267,7 @@ impl Shard {
             if rec.id.is_empty() || fresh.is_live(rec.seen) {
                 continue;
             }
+            removed_position(rec.to_position());
             let hash = hasher.hash_one(rec.id.as_str());
             let (cell, pos, status) = (Cell::of(rec.lat_e6, rec.lon_e6), rec.cell_pos, rec.status);
             if pos != NOT_IN_GRID {
@@ -275,6 +282,24 @@ impl Shard {
             removed += 1;
         }
         removed
+    }
+
+    /// Live drivers of one cell that lie inside the box and match its statuses.
+    fn collect_in_box(
+        &self,
+        entries: &[CellEntry],
+        q: &BoxQuery,
+        fresh: Freshness,
+        found: &mut Vec<Position>,
+    ) {
+        for e in entries {
+            if q.statuses.contains(e.status()) && q.contains(e.lat_e6, e.lon_e6) {
+                let rec = self.record(e.slot());
+                if fresh.is_live(rec.seen) {
+                    found.push(rec.to_position());
+                }
+            }
+        }
     }
 }
 
@@ -410,11 +435,50 @@ impl MemoryIndex {
 
     /// Removes drivers whose TTL ran out, one shard at a time; returns how many.
     pub fn expire(&self, now: Instant) -> usize {
+        self.expire_each(now, |_| {})
+    }
+
+    /// Like [`MemoryIndex::expire`], handing each removed driver's last position to `removed`
+    /// (the stream hub tells its subscribers that these drivers expired).
+    pub fn expire_each(&self, now: Instant, mut removed: impl FnMut(Position)) -> usize {
         let fresh = self.freshness(now);
         self.shards
             .iter()
-            .map(|s| s.write().expire(fresh, &self.hasher))
+            .map(|s| s.write().expire(fresh, &self.hasher, &mut removed))
             .sum()
+    }
+
+    /// Every live driver inside the box whose status matches, in no particular order (offline
+    /// drivers are not in the grid, so never found). Each shard visits the box's cells or its own
+    /// occupied cells, whichever are fewer, so a box over a whole continent costs no more than one
+    /// pass over the occupied cells.
+    pub fn within_box(&self, q: &BoxQuery, now: Instant) -> Vec<Position> {
+        let fresh = self.freshness(now);
+        let (rows, cols) = q.cell_ranges();
+        let cols: Vec<_> = cols.into_iter().flatten().collect();
+        let width: u64 = cols.iter().map(|c| (c.end() - c.start() + 1) as u64).sum();
+        let box_cells = (rows.end() - rows.start() + 1).max(0) as u64 * width;
+        let mut found = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.read();
+            if box_cells <= shard.cells.len() as u64 {
+                for row in rows.clone() {
+                    for col in cols.iter().flat_map(|c| c.clone()) {
+                        if let Some(entries) = shard.cells.get(&Cell { row, col }.key()) {
+                            shard.collect_in_box(entries, q, fresh, &mut found);
+                        }
+                    }
+                }
+            } else {
+                for (&key, entries) in &shard.cells {
+                    let cell = Cell::from_key(key);
+                    if rows.contains(&cell.row) && cols.iter().any(|c| c.contains(&cell.col)) {
+                        shard.collect_in_box(entries, q, fresh, &mut found);
+                    }
+                }
+            }
+        }
+        found
     }
 
     /// The `limit` nearest live drivers within the radius whose status matches, nearest first.

@@ -1,8 +1,8 @@
 //! The live index: each driver's latest position, and "who is near this point".
 //!
 //! [`MemoryIndex`] is the embedded store. A later Redis store will sit behind the same operations
-//! (`upsert`, `get`, `nearby`, `counts`, `expire`); the API reaches the index only through
-//! [`crate::tracker::Tracker`], so adding one does not touch the handlers.
+//! (`upsert`, `get`, `nearby`, `within_box`, `counts`, `expire`); the API reaches the index only
+//! through [`crate::tracker::Tracker`], so adding one does not touch the handlers.
 
 mod memory;
 
@@ -30,6 +30,59 @@ pub struct NearbyQuery {
     pub radius_m: f64,
     pub limit: usize,
     pub statuses: StatusSet,
+}
+
+/// Every live driver inside a latitude/longitude box (edges included) whose status is in
+/// `statuses`. A west edge east of the east edge means the box crosses the antimeridian, as in
+/// GeoJSON. Used for the snapshot a stream subscriber receives first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BoxQuery {
+    pub south_e6: i32,
+    pub west_e6: i32,
+    pub north_e6: i32,
+    pub east_e6: i32,
+    pub statuses: StatusSet,
+}
+
+/// Rows and up to two column ranges (inclusive) of grid cells.
+pub type CellRanges = (
+    std::ops::RangeInclusive<i32>,
+    [Option<std::ops::RangeInclusive<i32>>; 2],
+);
+
+impl BoxQuery {
+    pub fn contains(&self, lat_e6: i32, lon_e6: i32) -> bool {
+        let lon_in = if self.west_e6 <= self.east_e6 {
+            (self.west_e6..=self.east_e6).contains(&lon_e6)
+        } else {
+            lon_e6 >= self.west_e6 || lon_e6 <= self.east_e6
+        };
+        lon_in && (self.south_e6..=self.north_e6).contains(&lat_e6)
+    }
+
+    /// The grid cells the box touches: a row range and one or two column ranges (two when it
+    /// wraps around the antimeridian, where 180° belongs to column 0 like −180°).
+    pub fn cell_ranges(&self) -> CellRanges {
+        use crate::geo::{Cell, CELL_E6, GRID_COLS};
+        let rows = Cell::of(self.south_e6, 0).row..=Cell::of(self.north_e6, 0).row;
+        // Columns counted from −180° without wrapping, so that 180° is GRID_COLS, not 0.
+        let unwrapped = |lon_e6: i32| (lon_e6 + 180_000_000) / CELL_E6;
+        let west = unwrapped(self.west_e6);
+        let mut east = unwrapped(self.east_e6);
+        if self.west_e6 > self.east_e6 {
+            east += GRID_COLS;
+        }
+        let cols = if east - west + 1 >= GRID_COLS {
+            [Some(0..=GRID_COLS - 1), None]
+        } else if east < GRID_COLS {
+            [Some(west..=east), None]
+        } else if west >= GRID_COLS {
+            [Some(west - GRID_COLS..=east - GRID_COLS), None]
+        } else {
+            [Some(west..=GRID_COLS - 1), Some(0..=east - GRID_COLS)]
+        };
+        (rows, cols)
+    }
 }
 
 /// One search result.

@@ -7,4 +7,5 @@ mod lifecycle;
 mod locations;
 mod ops;
 mod simulate;
+mod streams;
 mod support;

@@ -333,3 +333,147 @@ fn restored_positions_keep_their_age() {
         seen[0].1
     );
 }
+
+fn box_query(south: f64, west: f64, north: f64, east: f64) -> BoxQuery {
+    let e6 = |v: f64| (v * 1e6).round() as i32;
+    BoxQuery {
+        south_e6: e6(south),
+        west_e6: e6(west),
+        north_e6: e6(north),
+        east_e6: e6(east),
+        statuses: StatusSet::WORKING,
+    }
+}
+
+/// The ids `within_box` finds, sorted.
+fn ids_within(index: &MemoryIndex, q: &BoxQuery, now: Instant) -> Vec<String> {
+    let mut ids: Vec<String> = index
+        .within_box(q, now)
+        .into_iter()
+        .map(|p| p.driver_id.to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn within_box_includes_edges_and_skips_offline_filtered_and_expired() {
+    let index = MemoryIndex::new(Duration::from_secs(2));
+    let t0 = Instant::now();
+    for (id, lat, lon, status) in [
+        ("corner", 31.0, 121.0, Status::Online),
+        ("inside", 31.1, 121.2, Status::Busy),
+        ("edge", 31.2, 121.3, Status::Online),
+        ("outside", 31.2, 121.300001, Status::Online),
+        ("off", 31.1, 121.1, Status::Offline),
+    ] {
+        index.upsert(&pos(id, lat, lon, status, 1), t0);
+    }
+    let q = box_query(31.0, 121.0, 31.2, 121.3);
+    assert_eq!(ids_within(&index, &q, t0), ["corner", "edge", "inside"]);
+    let busy_only = BoxQuery {
+        statuses: {
+            let mut s = StatusSet::empty();
+            s.insert(Status::Busy);
+            s
+        },
+        ..q
+    };
+    assert_eq!(ids_within(&index, &busy_only, t0), ["inside"]);
+    index.upsert(
+        &pos("inside", 31.1, 121.2, Status::Busy, 2),
+        t0 + Duration::from_secs(1),
+    );
+    assert_eq!(
+        ids_within(&index, &q, t0 + Duration::from_millis(2500)),
+        ["inside"]
+    );
+}
+
+#[test]
+fn within_box_across_the_antimeridian_and_at_180() {
+    let index = MemoryIndex::new(TTL);
+    let now = Instant::now();
+    for (id, lon) in [
+        ("east", 179.9),
+        ("at180", 180.0),
+        ("west", -179.9),
+        ("far", 0.0),
+    ] {
+        index.upsert(&pos(id, 0.0, lon, Status::Online, 1), now);
+    }
+    let wrapping = box_query(-1.0, 179.5, 1.0, -179.5);
+    assert_eq!(
+        ids_within(&index, &wrapping, now),
+        ["at180", "east", "west"]
+    );
+    let up_to_180 = box_query(-1.0, 179.5, 1.0, 180.0);
+    assert_eq!(ids_within(&index, &up_to_180, now), ["at180", "east"]);
+    let world = box_query(-90.0, -180.0, 90.0, 180.0);
+    assert_eq!(
+        ids_within(&index, &world, now),
+        ["at180", "east", "far", "west"]
+    );
+}
+
+#[test]
+fn expire_each_reports_the_removed_positions() {
+    let index = MemoryIndex::new(Duration::from_secs(1));
+    let t0 = Instant::now();
+    index.upsert(&pos("gone", 1.0, 2.0, Status::Busy, 7), t0);
+    index.upsert(
+        &pos("stays", 1.0, 2.0, Status::Online, 7),
+        t0 + Duration::from_millis(800),
+    );
+    let mut removed = Vec::new();
+    let n = index.expire_each(t0 + Duration::from_millis(1500), |p| removed.push(p));
+    assert_eq!(n, 1);
+    assert_eq!(removed.len(), 1);
+    assert_eq!(
+        (
+            removed[0].driver_id.as_str(),
+            removed[0].lat_e6,
+            removed[0].status
+        ),
+        ("gone", 1_000_000, Status::Busy)
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Any box, small or huge, wrapping the antimeridian or not: exactly the drivers inside it.
+    #[test]
+    fn within_box_matches_brute_force(
+        spots in prop::collection::vec((-1.0f64..1.0, -1.0f64..1.0, 0u8..3), 1..300),
+        center_lat in -89.0f64..89.0,
+        center_lon in -180.0f64..180.0,
+        spread in prop_oneof![Just(0.001f64), Just(0.02), Just(0.5), Just(3.0)],
+        corners in ((-1.0f64..1.0, -1.0f64..1.0), (0.0f64..2.0, 0.0f64..2.0)),
+        scale in prop_oneof![Just(1.0f64), Just(40.0)],
+    ) {
+        let index = MemoryIndex::new(TTL);
+        let now = Instant::now();
+        let wrap = |lon: f64| ((lon + 180.0).rem_euclid(360.0)) - 180.0;
+        let drivers: Vec<Position> = spots.iter().enumerate().map(|(i, &(dy, dx, s))| {
+            pos(&format!("d{i}"), (center_lat + dy * spread).clamp(-90.0, 90.0),
+                wrap(center_lon + dx * spread), Status::from_index(s), 1)
+        }).collect();
+        for p in &drivers {
+            index.upsert(p, now);
+        }
+        let ((dy, dx), (h, w)) = corners;
+        let south = (center_lat + dy * spread).clamp(-90.0, 90.0);
+        let north = (south + h * spread * scale).min(90.0);
+        let west = wrap(center_lon + dx * spread);
+        let east = wrap(west + (w * spread * scale).min(359.0));
+        let q = box_query(south, west, north, east);
+        let mut want: Vec<String> = drivers
+            .iter()
+            .filter(|p| p.status != Status::Offline && q.contains(p.lat_e6, p.lon_e6))
+            .map(|p| p.driver_id.to_string())
+            .collect();
+        want.sort();
+        prop_assert_eq!(ids_within(&index, &q, now), want);
+    }
+}
