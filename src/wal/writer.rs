@@ -1,0 +1,265 @@
+//! The writer thread: the one owner of the active segment. It groups appends and answers them.
+//!
+//! A dedicated OS thread rather than a tokio task: `write` and `fdatasync` block, and a blocked async
+//! worker would stall unrelated requests. The loop blocks for the first command, drains whatever else
+//! is already queued (up to [`GROUP_BYTES`]), writes the group with one `write`, and under
+//! `FsyncPolicy::Always` calls `fdatasync` once before answering everyone in it: while one fsync runs,
+//! the next group queues up, so concurrent requests share fsyncs without any timer or tuning.
+//! Under `Interval` it answers right after the write and fsyncs when the oldest unsynced write is
+//! `interval` old (waking on a timeout if nothing else arrives).
+//!
+//! An I/O error leaves the file in an unknown state, and a failed fsync may have dropped dirty pages
+//! that a retry would then report as clean, so the first error breaks the log for good: the group and
+//! every later append get [`WalError::Broken`]; a restart re-validates the files.
+
+use super::segment::{self, HEADER_LEN};
+use super::{FsyncPolicy, Lsn, Shared, WalError};
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+/// A group is written once it holds this much (a few milliseconds of a disk's bandwidth).
+pub const GROUP_BYTES: usize = 4 << 20;
+
+pub type Reply<T> = oneshot::Sender<Result<T, WalError>>;
+
+pub enum Command {
+    /// Log an encoded batch body; answer with its end LSN once durable under the policy.
+    Append { body: Vec<u8>, reply: Reply<Lsn> },
+    /// Write and fsync everything queued before this, answer, and stop.
+    Close { reply: Reply<()> },
+}
+
+/// Why the loop woke up.
+enum Wake {
+    Command(Command),
+    SyncDue,
+    Disconnected,
+}
+
+pub struct Writer {
+    shared: Arc<Shared>,
+    policy: FsyncPolicy,
+    segment_bytes: u64,
+    file: File,
+    path: PathBuf,
+    seg_start: Lsn,
+    /// End of the last staged record (in `buf` or written).
+    end: Lsn,
+    /// End of what was handed to the kernel.
+    written: Lsn,
+    /// End of what the last successful fsync covered.
+    synced: Lsn,
+    buf: Vec<u8>,
+    /// When the oldest write not yet fsynced happened.
+    dirty_since: Option<Instant>,
+    /// The group's appends and the end LSN of each.
+    replies: Vec<(Reply<Lsn>, Lsn)>,
+}
+
+impl Writer {
+    /// A writer appending to `file`, the segment starting at `seg_start` and ending at `end`, all of
+    /// which is already on disk.
+    pub fn new(
+        shared: Arc<Shared>,
+        policy: FsyncPolicy,
+        segment_bytes: u64,
+        file: File,
+        seg_start: Lsn,
+        end: Lsn,
+    ) -> Writer {
+        let path = segment::path(&shared.dir, seg_start);
+        Writer {
+            shared,
+            policy,
+            segment_bytes,
+            file,
+            path,
+            seg_start,
+            end,
+            written: end,
+            synced: end,
+            buf: Vec::with_capacity(64 << 10),
+            dirty_since: None,
+            replies: Vec::new(),
+        }
+    }
+
+    /// The thread body; returns when closed, broken, or every handle is dropped.
+    pub fn run(mut self, rx: Receiver<Command>) {
+        loop {
+            let first = match self.wait(&rx) {
+                Wake::Command(command) => command,
+                Wake::SyncDue => match self.sync() {
+                    Ok(()) => continue,
+                    Err(e) => return self.fail(e, None),
+                },
+                Wake::Disconnected => return self.shut_down(),
+            };
+            let mut close = None;
+            if let Err(e) = self
+                .gather(first, &rx, &mut close)
+                .and_then(|()| self.commit())
+            {
+                return self.fail(e, close);
+            }
+            if let Some(reply) = close {
+                let result = self.sync();
+                let failed = result.as_ref().err().map(|e| e.to_string());
+                let _ = reply.send(result);
+                if let Some(reason) = failed {
+                    *self.shared.broken.lock() = Some(reason);
+                }
+                return;
+            }
+        }
+    }
+
+    fn wait(&self, rx: &Receiver<Command>) -> Wake {
+        let deadline = match (self.policy, self.dirty_since) {
+            (FsyncPolicy::Interval(every), Some(since)) => since + every,
+            _ => return rx.recv().map_or(Wake::Disconnected, Wake::Command),
+        };
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(command) => Wake::Command(command),
+            Err(RecvTimeoutError::Timeout) => Wake::SyncDue,
+            Err(RecvTimeoutError::Disconnected) => Wake::Disconnected,
+        }
+    }
+
+    /// Stages `first` and everything already queued behind it, up to a group's worth or a close.
+    fn gather(
+        &mut self,
+        first: Command,
+        rx: &Receiver<Command>,
+        close: &mut Option<Reply<()>>,
+    ) -> Result<(), WalError> {
+        let mut next = Some(first);
+        while let Some(command) = next.take() {
+            match command {
+                Command::Append { body, reply } => self.stage(body, reply)?,
+                Command::Close { reply } => {
+                    *close = Some(reply);
+                    break;
+                }
+            }
+            if self.buf.len() < GROUP_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        Ok(())
+    }
+
+    /// Frames one record into the group buffer, first moving to a new segment if it would not fit.
+    fn stage(&mut self, body: Vec<u8>, reply: Reply<Lsn>) -> Result<(), WalError> {
+        self.replies.push((reply, 0));
+        let used = self.end - self.seg_start;
+        if used > 0
+            && used + segment::frame_len(self.end - self.synced, body.len()) > self.segment_bytes
+        {
+            self.rotate()?;
+        }
+        let lag = self.end - self.synced;
+        segment::push_frame(&mut self.buf, lag, &body);
+        self.end += segment::frame_len(lag, body.len());
+        if let Some(last) = self.replies.last_mut() {
+            last.1 = self.end;
+        }
+        Ok(())
+    }
+
+    /// Writes the group, fsyncs it if the policy says so, and answers it.
+    fn commit(&mut self) -> Result<(), WalError> {
+        self.flush()?;
+        let sync_due = match self.policy {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Interval(every) => self.dirty_since.is_some_and(|t| t.elapsed() >= every),
+        };
+        if sync_due {
+            self.sync()?;
+        }
+        self.shared.acked.store(self.end, Ordering::Release);
+        for (reply, lsn) in self.replies.drain(..) {
+            let _ = reply.send(Ok(lsn));
+        }
+        Ok(())
+    }
+
+    /// Ends the active segment (durably) and starts the next one at the current end.
+    fn rotate(&mut self) -> Result<(), WalError> {
+        self.flush()?;
+        self.sync()?;
+        self.file = segment::create(&self.shared.dir, self.end)?;
+        self.path = segment::path(&self.shared.dir, self.end);
+        self.seg_start = self.end;
+        self.shared.segments.lock().push(self.end);
+        self.shared
+            .disk_bytes
+            .fetch_add(HEADER_LEN, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), WalError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all(&self.buf)
+            .map_err(segment::io_err("write", &self.path))?;
+        self.shared
+            .disk_bytes
+            .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+        self.written = self.end;
+        self.dirty_since.get_or_insert_with(Instant::now);
+        self.buf.clear();
+        if self.buf.capacity() > 2 * GROUP_BYTES {
+            // One huge record should not pin its buffer for the life of the process.
+            self.buf = Vec::with_capacity(64 << 10);
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), WalError> {
+        if self.synced == self.written {
+            self.dirty_since = None;
+            return Ok(());
+        }
+        #[cfg(test)]
+        if self.shared.fail_next_sync.swap(false, Ordering::Relaxed) {
+            let injected = std::io::Error::other("injected fsync failure");
+            return Err(segment::io_err("fsync", &self.path)(injected));
+        }
+        self.file
+            .sync_data()
+            .map_err(segment::io_err("fsync", &self.path))?;
+        self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.synced = self.written;
+        self.dirty_since = None;
+        Ok(())
+    }
+
+    /// Marks the log broken and answers everything pending with the reason.
+    fn fail(mut self, error: WalError, close: Option<Reply<()>>) {
+        let reason = error.to_string();
+        tracing::error!(error = %reason, "write-ahead log failed; refusing further writes");
+        *self.shared.broken.lock() = Some(reason.clone());
+        for (reply, _) in self.replies.drain(..) {
+            let _ = reply.send(Err(WalError::Broken(reason.clone())));
+        }
+        if let Some(reply) = close {
+            let _ = reply.send(Err(WalError::Broken(reason)));
+        }
+    }
+
+    /// Every handle is gone without a close: make what was written durable anyway.
+    fn shut_down(mut self) {
+        if let Err(e) = self.sync() {
+            tracing::error!(error = %e, "write-ahead log: final fsync failed");
+        }
+    }
+}
