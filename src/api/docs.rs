@@ -1,7 +1,7 @@
 //! `GET /openapi.json` (OpenAPI 3.1, generated from the handlers' annotations, so it cannot drift
 //! from the code) and `GET /docs` (Swagger UI, vendored into the binary: no CDN, no download).
 
-use super::{drivers, error, locations, ops};
+use super::{drivers, error, locations, ops, track};
 use utoipa::OpenApi;
 
 #[derive(OpenApi)]
@@ -15,6 +15,7 @@ use utoipa::OpenApi;
         locations::post_batch,
         drivers::nearby,
         drivers::get_driver,
+        track::track,
         ops::stats,
         ops::health,
         ops::ready,

@@ -74,15 +74,17 @@ fn summary(errors: &[FieldError]) -> String {
         (status = 413, description = "Body over 1 MiB", body = super::error::ErrorResponse),
         (status = 415, description = "Not application/json", body = super::error::ErrorResponse),
         (status = 422, description = "Invalid fields, one detail per field", body = super::error::ErrorResponse),
+        (status = 503, description = "The position log cannot take writes now (`store_unavailable`, with Retry-After); nothing was acknowledged", body = super::error::ErrorResponse),
     )
 )]
 pub async fn post_location(
     State(state): State<AppState>,
     JsonBody(input): JsonBody<PositionInput>,
 ) -> Result<Response, ApiError> {
-    let position = validate_position(&input, now_micros())
+    let received_at = now_micros();
+    let position = validate_position(&input, received_at)
         .map_err(|errors| ApiError::validation(summary(&errors), errors))?;
-    state.tracker.apply(std::slice::from_ref(&position));
+    state.tracker.apply(vec![position], received_at).await?;
     Ok(accepted_one())
 }
 
@@ -108,6 +110,7 @@ fn accepted_one() -> Response {
         (status = 413, description = "Body over 1 MiB", body = super::error::ErrorResponse),
         (status = 415, description = "Not application/json", body = super::error::ErrorResponse),
         (status = 422, description = "Empty, over 1,000 entries, or no valid entry", body = super::error::ErrorResponse),
+        (status = 503, description = "The position log cannot take writes now (`store_unavailable`, with Retry-After); nothing was acknowledged", body = super::error::ErrorResponse),
     )
 )]
 pub async fn post_batch(
@@ -159,8 +162,8 @@ pub async fn post_batch(
             all_errors,
         ));
     }
-    state.tracker.apply(&positions);
     let accepted = positions.len();
+    state.tracker.apply(positions, received_at).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(BatchAccepted { accepted, rejected }),

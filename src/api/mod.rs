@@ -9,6 +9,7 @@ pub mod extract;
 pub mod locations;
 mod observe;
 pub mod ops;
+pub mod track;
 
 use crate::tracker::Tracker;
 use axum::routing::{get, post};
@@ -30,6 +31,7 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
         .route("/v1/locations/batch", post(locations::post_batch))
         .route("/v1/drivers/nearby", get(drivers::nearby))
         .route("/v1/drivers/{driver_id}", get(drivers::get_driver))
+        .route("/v1/drivers/{driver_id}/track", get(track::track))
         .route("/v1/stats", get(ops::stats))
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))

@@ -30,6 +30,7 @@ const ROUTES: &[&str] = &[
     "/v1/locations/batch",
     "/v1/drivers/nearby",
     "/v1/drivers/{driver_id}",
+    "/v1/drivers/{driver_id}/track",
     "/v1/stats",
     "/health",
     "/ready",

@@ -2,6 +2,7 @@
 //! one test binary so the suite links once.
 
 mod drivers;
+mod durability;
 mod errors;
 mod lifecycle;
 mod locations;
