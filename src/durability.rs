@@ -137,15 +137,24 @@ impl Durability {
         &self.history
     }
 
-    /// Reads a track page (blocking I/O, run off the async workers).
-    pub async fn track(&self, query: TrackQuery) -> anyhow::Result<TrackPage> {
-        let history = self.history.clone();
-        Ok(tokio::task::spawn_blocking(move || history.track(&query)).await??)
+    /// Reads a track page (blocking I/O, run off the async workers). History is first brought up
+    /// to the log's end, so a track shows every position acknowledged before the request.
+    pub async fn track(self: &Arc<Self>, query: TrackQuery) -> anyhow::Result<TrackPage> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            this.follow(false)?;
+            Ok(this.history.track(&query)?)
+        })
+        .await?
     }
 
     /// Appends log records not yet in history; returns how many. Then stores the checkpoint and
     /// persists history (which makes the checkpoint durable once the open windows are written).
     pub fn follow_once(&self) -> anyhow::Result<u64> {
+        self.follow(true)
+    }
+
+    fn follow(&self, persist: bool) -> anyhow::Result<u64> {
         let mut followed = self
             .followed
             .lock()
@@ -162,7 +171,9 @@ impl Durability {
             self.history.set_checkpoint(last)?;
             *followed = last;
         }
-        self.history.persist()?;
+        if persist {
+            self.history.persist()?;
+        }
         Ok(records)
     }
 

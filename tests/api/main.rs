@@ -4,6 +4,7 @@
 mod drivers;
 mod durability;
 mod errors;
+mod history;
 mod lifecycle;
 mod locations;
 mod ops;
