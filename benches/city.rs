@@ -34,7 +34,7 @@ pub fn driver(i: usize, rng: &mut Rng) -> Position {
         driver_id: format!("drv-{i}").into(),
         lat_e6: (lat * 1e6).round() as i32,
         lon_e6: (lon * 1e6).round() as i32,
-        status: if i % 5 == 0 {
+        status: if i.is_multiple_of(5) {
             Status::Busy
         } else {
             Status::Online

@@ -1,6 +1,7 @@
 //! Every setting, in one place: a command-line flag, an `FLEET_<FLAG>` environment variable, and a
 //! default. `fleettracker <command> --help` prints this file's doc comments.
 
+use crate::wal::FsyncPolicy;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +51,46 @@ pub struct ServeConfig {
     /// Log line format.
     #[arg(long, env = "FLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// When an accepted position is on disk: `always` (the 202 waits for the fsync, shared by
+    /// concurrent requests), `interval:<duration>` (answer at once, fsync that often: a power loss
+    /// loses at most that window), or `off` (no log, no history, no snapshots: memory only).
+    #[arg(long, env = "FLEET_FSYNC", default_value = "always", value_parser = parse_fsync)]
+    pub fsync: FsyncSetting,
+
+    /// How often the live state is snapshotted (restart loads the snapshot, then replays the log).
+    #[arg(long, env = "FLEET_SNAPSHOT_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub snapshot_interval: Duration,
+
+    /// History keeps every point for this long.
+    #[arg(long, env = "FLEET_HISTORY_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub history_retention: Duration,
+
+    /// After --history-retention and up to this age, history keeps a simplified track; older is deleted.
+    #[arg(long, env = "FLEET_COLD_RETENTION", default_value = "90d", value_parser = parse_duration)]
+    pub cold_retention: Duration,
+
+    /// Douglas–Peucker tolerance, in metres, of the simplified (cold) tracks.
+    #[arg(long, env = "FLEET_COLD_SIMPLIFY_M", default_value_t = 5.0)]
+    pub cold_simplify_m: f64,
+}
+
+/// The `--fsync` setting.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FsyncSetting {
+    /// Memory only.
+    Off,
+    /// Log every position under this policy.
+    Log(FsyncPolicy),
+}
+
+fn parse_fsync(text: &str) -> Result<FsyncSetting, String> {
+    if text == "off" {
+        return Ok(FsyncSetting::Off);
+    }
+    text.parse::<FsyncPolicy>()
+        .map(FsyncSetting::Log)
+        .map_err(|e| format!("{e} (expected always, interval:<duration> or off)"))
 }
 
 #[derive(Debug, Clone, Args)]
@@ -115,6 +156,22 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert_eq!(c.driver_ttl, Duration::from_secs(60));
         assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.fsync, FsyncSetting::Log(FsyncPolicy::Always));
+        assert_eq!(c.history_retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(c.cold_retention, Duration::from_secs(90 * 86_400));
+        assert_eq!(c.cold_simplify_m, 5.0);
+    }
+
+    #[test]
+    fn fsync_settings_parse() {
+        assert_eq!(parse_fsync("off"), Ok(FsyncSetting::Off));
+        assert_eq!(
+            parse_fsync("interval:200ms"),
+            Ok(FsyncSetting::Log(FsyncPolicy::Interval(
+                Duration::from_millis(200)
+            )))
+        );
+        assert!(parse_fsync("sometimes").is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod config;
 pub mod domain;
+pub mod durability;
 pub mod geo;
 pub mod history;
 pub mod hub;

@@ -2,7 +2,9 @@
 //! gracefully (readiness goes 503, in-flight requests finish, exit 0) on SIGINT or SIGTERM.
 
 use crate::api;
-use crate::config::{LogFormat, ServeConfig};
+use crate::config::{FsyncSetting, LogFormat, ServeConfig};
+use crate::durability::{Durability, Retention, FOLLOW_INTERVAL};
+use crate::live::MemoryIndex;
 use crate::metrics::Metrics;
 use crate::tracker::Tracker;
 use anyhow::Context;
@@ -48,13 +50,14 @@ fn sweep_interval(ttl: Duration) -> Duration {
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let tracker = Arc::new(Tracker::new(config.driver_ttl, Metrics::new()));
+    let tracker = Arc::new(open_tracker(&config).await?);
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let address = listener.local_addr()?;
     let shutdown = shutdown_signal(tracker.clone())?;
     spawn_background_jobs(&tracker, config.driver_ttl);
+    spawn_durability_jobs(&tracker, &config);
 
     tracing::info!(%address, data_dir = %config.data_dir.display(), driver_ttl = ?config.driver_ttl, "fleettracker started");
     println!("fleettracker listening on http://{address}");
@@ -65,8 +68,119 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // WebSocket streams and device connections outlive their requests; draining told them to
     // close: let their close frames go out before the process exits.
     tracker.hub().wait_closed(Duration::from_secs(5)).await;
+    close_durability(&tracker).await;
     tracing::info!("fleettracker stopped");
     Ok(())
+}
+
+/// The live index, recovered from the data directory unless durability is off.
+async fn open_tracker(config: &ServeConfig) -> anyhow::Result<Tracker> {
+    let index = MemoryIndex::new(config.driver_ttl);
+    let FsyncSetting::Log(policy) = config.fsync else {
+        tracing::warn!(
+            "--fsync off: positions are kept in memory only; no log, history or snapshots"
+        );
+        return Ok(Tracker::new(index, None, Metrics::new()));
+    };
+    let data_dir = config.data_dir.clone();
+    let (index, durability, recovered) = tokio::task::spawn_blocking(move || {
+        Durability::open(&data_dir, policy, &index).map(|(d, r)| (index, d, r))
+    })
+    .await
+    .context("recovery task failed")??;
+    tracing::info!(
+        snapshot_lsn = ?recovered.snapshot_lsn,
+        snapshot_drivers = recovered.snapshot_drivers,
+        replayed_records = recovered.replayed_records,
+        history_records = recovered.history_records,
+        took = ?recovered.took,
+        "recovered from the data directory"
+    );
+    Ok(Tracker::new(
+        index,
+        Some(Arc::new(durability)),
+        Metrics::new(),
+    ))
+}
+
+/// Runs `job` on the blocking pool every `every`, logging failures (they are retried next time).
+fn every(
+    every: Duration,
+    what: &'static str,
+    job: impl Fn() -> anyhow::Result<()> + Send + Sync + 'static,
+) {
+    let job = Arc::new(job);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let job = job.clone();
+            match tokio::task::spawn_blocking(move || job()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "{what} failed; retrying later")
+                }
+                Err(e) => tracing::error!(error = %e, "{what} panicked"),
+            }
+        }
+    });
+}
+
+/// The history follower, snapshots and retention.
+fn spawn_durability_jobs(tracker: &Arc<Tracker>, config: &ServeConfig) {
+    let Some(durability) = tracker.durability().cloned() else {
+        return;
+    };
+    let d = durability.clone();
+    every(FOLLOW_INTERVAL, "history follower", move || {
+        d.follow_once().map(|_| ())
+    });
+    let (d, t) = (durability.clone(), tracker.clone());
+    every(config.snapshot_interval, "snapshot", move || {
+        let info = d.snapshot(t.index())?;
+        tracing::debug!(lsn = info.lsn, drivers = info.drivers, "snapshot written");
+        Ok(())
+    });
+    let retention = Retention {
+        hot: config.history_retention,
+        cold: config.cold_retention,
+        cold_simplify_m: config.cold_simplify_m,
+    };
+    let d = durability.clone();
+    if let Err(e) = d.apply_retention(retention) {
+        tracing::error!(error = %format!("{e:#}"), "history retention failed; retrying later");
+    }
+    every(RETENTION_INTERVAL, "history retention", move || {
+        d.apply_retention(retention)
+    });
+}
+
+/// How often history retention runs (it is cheap when nothing is due).
+const RETENTION_INTERVAL: Duration = Duration::from_secs(600);
+
+/// At shutdown: flush the log, bring history up to date and leave a fresh snapshot, so the next
+/// start replays nothing.
+async fn close_durability(tracker: &Arc<Tracker>) {
+    let Some(durability) = tracker.durability().cloned() else {
+        return;
+    };
+    if let Err(e) = durability.close().await {
+        tracing::error!(error = %e, "closing the log failed");
+    }
+    let t = tracker.clone();
+    let done = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        durability.flush_history()?;
+        durability.snapshot(t.index())?;
+        Ok(())
+    })
+    .await;
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "final snapshot failed"),
+        Err(e) => tracing::error!(error = %e, "final snapshot panicked"),
+    }
 }
 
 /// Longest a shutdown waits for in-flight requests before closing their connections.

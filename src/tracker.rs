@@ -1,19 +1,39 @@
 //! The tracker applies accepted positions and answers queries: the one place every transport calls.
 //!
-//! Today a position goes to the live index only. This is the seam where later work adds the
-//! durable log (append before acknowledging), history, and the fan-out hub, without touching the API.
+//! A request's positions go to the live index first, then to the write-ahead log; the answer waits
+//! for the log's (shared) fsync. Index first, so that a snapshot taken after reading the log's end
+//! LSN can never miss a logged position (see `src/durability.rs`); a position whose log append
+//! fails is answered 503 and may stay visible live until it is replaced — it was never acknowledged.
+//! Stream subscribers (the hub) are sent a position once it is durable, with its acknowledgement.
 
-use crate::domain::{Position, Status};
+use crate::domain::{Micros, Position, Status};
+use crate::durability::Durability;
+use crate::history::{HistoryError, TrackPage, TrackQuery};
 use crate::hub::{Hub, HubConfig};
 use crate::live::{BoxQuery, MemoryIndex, NearbyHit, NearbyQuery, StatusCounts, Upsert};
 use crate::metrics::Metrics;
+use crate::wal::Batch;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Why a write or a history read could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error("the position log is unavailable: {0}")]
+    LogUnavailable(String),
+    #[error("history is disabled (the server runs with --fsync off)")]
+    HistoryDisabled,
+    #[error("{0}")]
+    BadCursor(String),
+    #[error("history is unavailable: {0}")]
+    HistoryUnavailable(String),
+}
+
 /// Shared service state behind every handler.
 pub struct Tracker {
     index: MemoryIndex,
+    durability: Option<Arc<Durability>>,
     metrics: Metrics,
     hub: Arc<Hub>,
     updates_total: AtomicU64,
@@ -21,14 +41,25 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(driver_ttl: Duration, metrics: Metrics) -> Tracker {
+    /// A tracker over `index`; without `durability` positions live in memory only.
+    pub fn new(
+        index: MemoryIndex,
+        durability: Option<Arc<Durability>>,
+        metrics: Metrics,
+    ) -> Tracker {
         Tracker {
-            index: MemoryIndex::new(driver_ttl),
+            index,
+            durability,
             hub: Arc::new(Hub::new(HubConfig::from_env(), &metrics)),
             metrics,
             updates_total: AtomicU64::new(0),
             ready: AtomicBool::new(true),
         }
+    }
+
+    /// An in-memory tracker (no log, no history).
+    pub fn in_memory(driver_ttl: Duration, metrics: Metrics) -> Tracker {
+        Tracker::new(MemoryIndex::new(driver_ttl), None, metrics)
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -40,27 +71,56 @@ impl Tracker {
         &self.hub
     }
 
-    /// Applies validated positions (one request's worth); all of them count as accepted.
-    pub fn apply(&self, positions: &[Position]) {
+    pub fn index(&self) -> &MemoryIndex {
+        &self.index
+    }
+
+    pub fn durability(&self) -> Option<&Arc<Durability>> {
+        self.durability.as_ref()
+    }
+
+    /// Applies one request's validated positions, received at `received_at`, and makes them durable.
+    /// When this returns `Ok`, they may be acknowledged.
+    pub async fn apply(
+        &self,
+        positions: Vec<Position>,
+        received_at: Micros,
+    ) -> Result<(), TrackerError> {
         let started = Instant::now();
         let mut by_status = [0u64; 3];
+        let publish = self.hub.is_active();
         let mut applied = Vec::new();
-        for p in positions {
+        for (i, p) in positions.iter().enumerate() {
             // A stale position (older than the latest) is accepted but leaves the latest alone.
-            let outcome: Upsert = self.index.upsert(p, started);
-            if outcome == Upsert::Applied && self.hub.is_active() {
-                applied.push(p);
+            if self.index.upsert(p, started) == Upsert::Applied && publish {
+                applied.push(i);
             }
             by_status[p.status as usize] += 1;
+        }
+        let count = positions.len() as u64;
+        let batch = Batch {
+            received_at,
+            positions,
+        };
+        if let Some(durability) = &self.durability {
+            durability
+                .append(&batch)
+                .await
+                .map_err(|e| TrackerError::LogUnavailable(e.to_string()))?;
         }
         self.metrics.record_store_write(started.elapsed());
         for status in Status::ALL {
             self.metrics
                 .count_updates(status, by_status[status as usize]);
         }
-        self.updates_total
-            .fetch_add(positions.len() as u64, Ordering::Relaxed);
-        self.hub.publish(applied);
+        self.updates_total.fetch_add(count, Ordering::Relaxed);
+        self.hub.publish(
+            applied
+                .into_iter()
+                .map(|i| &batch.positions[i])
+                .collect::<Vec<_>>(),
+        );
+        Ok(())
     }
 
     pub fn driver(&self, id: &str) -> Option<Position> {
@@ -74,6 +134,21 @@ impl Tracker {
     /// Every live driver inside a box (a stream subscriber's snapshot).
     pub fn within_box(&self, q: &BoxQuery) -> Vec<Position> {
         self.index.within_box(q, Instant::now())
+    }
+
+    /// A page of a driver's history.
+    pub async fn track(&self, query: TrackQuery) -> Result<TrackPage, TrackerError> {
+        let durability = self
+            .durability
+            .as_ref()
+            .ok_or(TrackerError::HistoryDisabled)?;
+        durability
+            .track(query)
+            .await
+            .map_err(|e| match e.downcast_ref::<HistoryError>() {
+                Some(HistoryError::BadCursor) => TrackerError::BadCursor(e.to_string()),
+                _ => TrackerError::HistoryUnavailable(format!("{e:#}")),
+            })
     }
 
     pub fn counts(&self) -> StatusCounts {

@@ -1,7 +1,7 @@
 //! `GET /openapi.json` (OpenAPI 3.1, generated from the handlers' annotations, so it cannot drift
 //! from the code) and `GET /docs` (Swagger UI, vendored into the binary: no CDN, no download).
 
-use super::{drivers, error, ingest, locations, ops, socket, stream};
+use super::{drivers, error, ingest, locations, ops, socket, stream, track};
 use utoipa::OpenApi;
 
 #[derive(OpenApi)]
@@ -18,6 +18,7 @@ use utoipa::OpenApi;
         stream::stream_ws,
         stream::stream_sse,
         ingest::ingest,
+        track::track,
         ops::stats,
         ops::health,
         ops::ready,

@@ -28,6 +28,9 @@ pub enum ApiError {
     },
     #[error("{0}")]
     NotReady(String),
+    /// A store the request needs (the log, history) cannot take it now; retry later.
+    #[error("{0}")]
+    StoreUnavailable(String),
     #[error("internal error")]
     Internal,
 }
@@ -54,7 +57,9 @@ impl ApiError {
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady(_) | ApiError::StoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -68,6 +73,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Validation { .. } => "validation_failed",
             ApiError::NotReady(_) => "not_ready",
+            ApiError::StoreUnavailable(_) => "store_unavailable",
             ApiError::Internal => "internal",
         }
     }
@@ -103,6 +109,18 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorResponse {
     pub error: ErrorBody,
+}
+
+impl From<crate::tracker::TrackerError> for ApiError {
+    fn from(e: crate::tracker::TrackerError) -> ApiError {
+        use crate::tracker::TrackerError;
+        match e {
+            TrackerError::BadCursor(why) => ApiError::invalid_field("cursor", why),
+            TrackerError::LogUnavailable(_)
+            | TrackerError::HistoryDisabled
+            | TrackerError::HistoryUnavailable(_) => ApiError::StoreUnavailable(e.to_string()),
+        }
+    }
 }
 
 impl IntoResponse for ApiError {

@@ -96,7 +96,7 @@ async fn run(mut socket: WebSocket, tracker: Arc<Tracker>) {
             Some(Ok(Message::Binary(_))) => Err(ApiError::MalformedJson(
                 "binary messages are not accepted: send JSON text".into(),
             )),
-            Some(Ok(Message::Text(text))) => report(&tracker, &text),
+            Some(Ok(Message::Text(text))) => report(&tracker, &text).await,
         };
         let json = match answer {
             Ok(ack) => {
@@ -123,7 +123,7 @@ async fn run(mut socket: WebSocket, tracker: Arc<Tracker>) {
 }
 
 /// Checks and applies one message: a batch when it has `locations`, else a single position.
-fn report(tracker: &Tracker, text: &str) -> Result<IngestAck, ApiError> {
+async fn report(tracker: &Tracker, text: &str) -> Result<IngestAck, ApiError> {
     let received_at = now_micros();
     let batch: BatchInput = serde_json::from_str(text).map_err(|e| message_error(e, text))?;
     let (positions, rejected) = if batch.locations.is_some() {
@@ -140,12 +140,13 @@ fn report(tracker: &Tracker, text: &str) -> Result<IngestAck, ApiError> {
             }
         }
     };
-    if !positions.is_empty() {
-        tracker.apply(&positions);
+    let accepted = positions.len();
+    if accepted > 0 {
+        tracker.apply(positions, received_at).await?;
     }
     Ok(IngestAck {
         kind: "ack",
-        accepted: positions.len(),
+        accepted,
         rejected,
     })
 }
@@ -171,32 +172,40 @@ mod tests {
     use std::time::Duration;
 
     fn tracker() -> Tracker {
-        Tracker::new(Duration::from_secs(60), Metrics::new())
+        Tracker::in_memory(Duration::from_secs(60), Metrics::new())
     }
 
-    #[test]
-    fn single_batch_and_errors() {
+    #[tokio::test]
+    async fn single_batch_and_errors() {
         let t = tracker();
-        let ack = report(&t, r#"{"driver_id":"a","latitude":1,"longitude":2}"#).unwrap();
+        let ack = report(&t, r#"{"driver_id":"a","latitude":1,"longitude":2}"#)
+            .await
+            .unwrap();
         assert_eq!((ack.accepted, ack.rejected.len()), (1, 0));
-        let ack = report(&t, r#"{"driver_id":"a","latitude":95,"longitude":2}"#).unwrap();
+        let ack = report(&t, r#"{"driver_id":"a","latitude":95,"longitude":2}"#)
+            .await
+            .unwrap();
         assert_eq!((ack.accepted, ack.rejected[0].index), (0, 0));
         let ack = report(
             &t,
             r#"{"locations":[{"driver_id":"b","latitude":1,"longitude":2},7,{"driver_id":"c"}]}"#,
         )
+        .await
         .unwrap();
         assert_eq!(ack.accepted, 1);
         let indexes: Vec<usize> = ack.rejected.iter().map(|r| r.index).collect();
         assert_eq!(indexes, [1, 2]);
         assert_eq!(t.updates_total(), 2);
 
-        let code = |text: &str| report(&t, text).unwrap_err().code();
-        assert_eq!(code("{oops"), "malformed_json");
-        assert_eq!(code("[1,2]"), "validation_failed");
-        assert_eq!(code(r#"{"locations":[]}"#), "validation_failed");
-        assert_eq!(code(r#"{"locations":5}"#), "validation_failed");
-        let e = report(&t, "{oops").unwrap_err();
+        for (text, code) in [
+            ("{oops", "malformed_json"),
+            ("[1,2]", "validation_failed"),
+            (r#"{"locations":[]}"#, "validation_failed"),
+            (r#"{"locations":5}"#, "validation_failed"),
+        ] {
+            assert_eq!(report(&t, text).await.unwrap_err().code(), code, "{text}");
+        }
+        let e = report(&t, "{oops").await.unwrap_err();
         assert!(
             e.to_string().starts_with("message is not valid JSON"),
             "{e}"

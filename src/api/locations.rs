@@ -74,15 +74,17 @@ pub(super) fn summary(errors: &[FieldError]) -> String {
         (status = 413, description = "Body over 1 MiB", body = super::error::ErrorResponse),
         (status = 415, description = "Not application/json", body = super::error::ErrorResponse),
         (status = 422, description = "Invalid fields, one detail per field", body = super::error::ErrorResponse),
+        (status = 503, description = "The position log cannot take writes now (`store_unavailable`, with Retry-After); nothing was acknowledged", body = super::error::ErrorResponse),
     )
 )]
 pub async fn post_location(
     State(state): State<AppState>,
     JsonBody(input): JsonBody<PositionInput>,
 ) -> Result<Response, ApiError> {
-    let position = validate_position(&input, now_micros())
+    let received_at = now_micros();
+    let position = validate_position(&input, received_at)
         .map_err(|errors| ApiError::validation(summary(&errors), errors))?;
-    state.tracker.apply(std::slice::from_ref(&position));
+    state.tracker.apply(vec![position], received_at).await?;
     Ok(accepted_one())
 }
 
@@ -108,21 +110,23 @@ fn accepted_one() -> Response {
         (status = 413, description = "Body over 1 MiB", body = super::error::ErrorResponse),
         (status = 415, description = "Not application/json", body = super::error::ErrorResponse),
         (status = 422, description = "Empty, over 1,000 entries, or no valid entry", body = super::error::ErrorResponse),
+        (status = 503, description = "The position log cannot take writes now (`store_unavailable`, with Retry-After); nothing was acknowledged", body = super::error::ErrorResponse),
     )
 )]
 pub async fn post_batch(
     State(state): State<AppState>,
     JsonBody(input): JsonBody<BatchInput>,
 ) -> Result<(StatusCode, Json<BatchAccepted>), ApiError> {
-    let batch = check_batch(input, now_micros())?;
+    let received_at = now_micros();
+    let batch = check_batch(input, received_at)?;
     if batch.positions.is_empty() {
         return Err(ApiError::validation(
             "no valid position in the batch",
             batch.errors,
         ));
     }
-    state.tracker.apply(&batch.positions);
     let accepted = batch.positions.len();
+    state.tracker.apply(batch.positions, received_at).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(BatchAccepted {

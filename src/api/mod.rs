@@ -12,6 +12,7 @@ mod observe;
 pub mod ops;
 mod socket;
 pub mod stream;
+pub mod track;
 
 use crate::tracker::Tracker;
 use axum::routing::{get, post};
@@ -36,6 +37,7 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
         .route("/v1/stream", get(stream::stream_ws))
         .route("/v1/stream/sse", get(stream::stream_sse))
         .route("/v1/ingest", get(ingest::ingest))
+        .route("/v1/drivers/{driver_id}/track", get(track::track))
         .route("/v1/stats", get(ops::stats))
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))

@@ -33,6 +33,7 @@ const ROUTES: &[&str] = &[
     "/v1/stream",
     "/v1/stream/sse",
     "/v1/ingest",
+    "/v1/drivers/{driver_id}/track",
     "/v1/stats",
     "/health",
     "/ready",

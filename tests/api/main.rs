@@ -2,7 +2,9 @@
 //! one test binary so the suite links once.
 
 mod drivers;
+mod durability;
 mod errors;
+mod history;
 mod lifecycle;
 mod locations;
 mod ops;

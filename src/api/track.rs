@@ -1,0 +1,245 @@
+//! `GET /v1/drivers/{driver_id}/track`: where a driver went, for playback, distance and disputes.
+
+use super::drivers::check_driver_id;
+use super::error::ApiError;
+use super::extract::QueryParams;
+use super::AppState;
+use crate::domain::{format_rfc3339, now_micros, parse_rfc3339, FieldError, Micros, Status};
+use crate::geo::{simplify_indices, track_distance_m};
+use crate::history::{format as track_format, TrackPoint, TrackQuery};
+use axum::extract::{Path, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+pub const DEFAULT_TRACK_LIMIT: usize = 10_000;
+pub const MAX_TRACK_LIMIT: usize = 100_000;
+const HOUR_MICROS: Micros = 3_600 * 1_000_000;
+
+/// Query parameters of a track request, as text: each is checked and reported by name.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TrackParams {
+    /// Start of the window, RFC 3339 (default: one hour before `to`).
+    #[param(value_type = Option<String>, format = DateTime)]
+    pub from: Option<String>,
+    /// End of the window, RFC 3339, inclusive (default: now).
+    #[param(value_type = Option<String>, format = DateTime)]
+    pub to: Option<String>,
+    /// Most points returned, 1..100000 (default 10000); continue with `cursor`.
+    #[param(value_type = Option<u32>)]
+    pub limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Douglas–Peucker tolerance in metres (distance is still measured on the full track).
+    #[param(value_type = Option<f64>)]
+    pub simplify_m: Option<String>,
+    /// `json` (default), `geojson` (a GeoJSON Feature) or `gpx` (GPX 1.1).
+    #[param(value_type = Option<String>, example = "json")]
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Format {
+    Json,
+    GeoJson,
+    Gpx,
+}
+
+/// One point of a track.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TrackPointBody {
+    pub latitude: f64,
+    pub longitude: f64,
+    #[schema(format = DateTime)]
+    pub timestamp: String,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speed_mps: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heading_deg: Option<f32>,
+}
+
+/// A page of a driver's track, in time order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TrackResponse {
+    pub driver_id: String,
+    #[schema(format = DateTime)]
+    pub from: String,
+    #[schema(format = DateTime)]
+    pub to: String,
+    pub points: Vec<TrackPointBody>,
+    /// Great-circle length of this page's full (unsimplified) track, metres.
+    pub distance_m: f64,
+    /// Seconds from this page's first point to its last.
+    pub duration_s: f64,
+    /// Pass as `cursor` to get the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+struct Checked {
+    query: TrackQuery,
+    simplify_m: Option<f64>,
+    format: Format,
+}
+
+fn time_param(
+    errors: &mut Vec<FieldError>,
+    name: &str,
+    value: Option<&str>,
+    default: Micros,
+) -> Micros {
+    match value {
+        None => default,
+        Some(text) => parse_rfc3339(text).unwrap_or_else(|| {
+            errors.push(FieldError::new(name, "must be an RFC 3339 date-time"));
+            default
+        }),
+    }
+}
+
+impl TrackParams {
+    fn check(&self, driver_id: String) -> Result<Checked, ApiError> {
+        let mut errors = Vec::new();
+        let to = time_param(&mut errors, "to", self.to.as_deref(), now_micros());
+        let from = time_param(&mut errors, "from", self.from.as_deref(), to - HOUR_MICROS);
+        if from > to {
+            errors.push(FieldError::new("from", "must not be after `to`"));
+        }
+        let limit = match self.limit.as_deref().map(|t| t.trim().parse::<usize>()) {
+            None => DEFAULT_TRACK_LIMIT,
+            Some(Ok(n)) if (1..=MAX_TRACK_LIMIT).contains(&n) => n,
+            Some(_) => {
+                errors.push(FieldError::new(
+                    "limit",
+                    format!("must be a whole number from 1 to {MAX_TRACK_LIMIT}"),
+                ));
+                DEFAULT_TRACK_LIMIT
+            }
+        };
+        let simplify_m = match self.simplify_m.as_deref().map(|t| t.trim().parse::<f64>()) {
+            None => None,
+            Some(Ok(m)) if (0.0..=100_000.0).contains(&m) => Some(m),
+            Some(_) => {
+                errors.push(FieldError::new(
+                    "simplify_m",
+                    "must be a number of metres from 0 to 100000",
+                ));
+                None
+            }
+        };
+        let format = match self.format.as_deref() {
+            None | Some("json") => Format::Json,
+            Some("geojson") => Format::GeoJson,
+            Some("gpx") => Format::Gpx,
+            Some(_) => {
+                errors.push(FieldError::new(
+                    "format",
+                    "must be one of json, geojson, gpx",
+                ));
+                Format::Json
+            }
+        };
+        if !errors.is_empty() {
+            let message = errors
+                .iter()
+                .map(|e| format!("{} {}", e.field, e.message))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(ApiError::validation(message, errors));
+        }
+        let query = TrackQuery {
+            driver_id,
+            from,
+            to,
+            limit,
+            cursor: self.cursor.clone(),
+        };
+        Ok(Checked {
+            query,
+            simplify_m,
+            format,
+        })
+    }
+}
+
+fn point_body(p: &TrackPoint) -> TrackPointBody {
+    TrackPointBody {
+        latitude: p.lat_e6 as f64 / 1e6,
+        longitude: p.lon_e6 as f64 / 1e6,
+        timestamp: format_rfc3339(p.timestamp),
+        status: p.status,
+        speed_mps: p.speed_mps,
+        heading_deg: p.heading_deg,
+    }
+}
+
+fn with_type(body: impl IntoResponse, content_type: &'static str) -> Response {
+    let mut response = body.into_response();
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// A driver's positions over a time window, in time order, paged, optionally simplified.
+#[utoipa::path(
+    get, path = "/v1/drivers/{driver_id}/track", tag = "drivers",
+    params(("driver_id" = String, Path, description = "The driver's id"), TrackParams),
+    responses(
+        (status = 200, description = "The track (JSON; `format=geojson` gives a GeoJSON Feature, `format=gpx` GPX 1.1)", body = TrackResponse),
+        (status = 422, description = "Invalid parameters or cursor, one detail per parameter", body = super::error::ErrorResponse),
+        (status = 503, description = "History is not available (durability is off)", body = super::error::ErrorResponse),
+    )
+)]
+pub async fn track(
+    State(state): State<AppState>,
+    Path(driver_id): Path<String>,
+    QueryParams(params): QueryParams<TrackParams>,
+) -> Result<Response, ApiError> {
+    check_driver_id(&driver_id)?;
+    let checked = params.check(driver_id)?;
+    let query = checked.query;
+    let page = state.tracker.track(query.clone()).await?;
+    let coords: Vec<(i32, i32)> = page.points.iter().map(|p| (p.lat_e6, p.lon_e6)).collect();
+    let distance_m = (track_distance_m(&coords) * 100.0).round() / 100.0;
+    let duration_s = match (page.points.first(), page.points.last()) {
+        (Some(a), Some(b)) => (b.timestamp - a.timestamp) as f64 / 1e6,
+        _ => 0.0,
+    };
+    let points: Vec<TrackPoint> = match checked.simplify_m {
+        Some(m) if m > 0.0 => simplify_indices(&coords, m)
+            .into_iter()
+            .map(|i| page.points[i])
+            .collect(),
+        _ => page.points,
+    };
+    Ok(match checked.format {
+        Format::GeoJson => with_type(
+            Json(track_format::geojson_feature(
+                &query.driver_id,
+                &points,
+                distance_m,
+                duration_s,
+            )),
+            "application/geo+json",
+        ),
+        Format::Gpx => with_type(
+            track_format::gpx(&query.driver_id, &points),
+            "application/gpx+xml",
+        ),
+        Format::Json => Json(TrackResponse {
+            driver_id: query.driver_id,
+            from: format_rfc3339(query.from),
+            to: format_rfc3339(query.to),
+            points: points.iter().map(point_body).collect(),
+            distance_m,
+            duration_s,
+            next_cursor: page.next_cursor,
+        })
+        .into_response(),
+    })
+}

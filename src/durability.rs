@@ -1,0 +1,225 @@
+//! Durability in embedded mode: the write-ahead log, the history store fed from it, live-index
+//! snapshots, and the recovery that ties them together at start-up.
+//!
+//! Data directory layout:
+//! ```text
+//! data/wal/        log segments (src/wal): every accepted position, fsynced before the 202
+//! data/snapshots/  live-index snapshots (src/live/snapshot.rs)
+//! data/history/    the history store (src/history), fed from the log
+//! ```
+//! One position takes one path: the tracker applies it to the live index, appends it to the log
+//! (group commit) and answers. The *history follower* then reads the log behind the writers and
+//! appends to history, persisting a checkpoint (the LSN history holds everything up to). Snapshots
+//! record the LSN they cover. A log segment is deleted once both the older kept snapshot and the
+//! history checkpoint are past it, so disk use is bounded without a manual compaction command.
+//!
+//! Recovery: load the newest valid snapshot, then replay the log after min(snapshot LSN, history
+//! checkpoint): records after the snapshot go to the live index (with their original receipt time, so
+//! TTLs run on), records after the checkpoint go to history. Both are idempotent.
+
+use crate::domain::{now_micros, Micros};
+use crate::history::{History, TrackPage, TrackQuery};
+use crate::live::{snapshot, MemoryIndex};
+use crate::wal::{Batch, FsyncPolicy, Lsn, Wal};
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Snapshots kept on disk: the newest, and one older in case the newest turns out corrupt.
+const SNAPSHOTS_KEPT: usize = 2;
+/// How often the history follower looks for new log records (and so persists history at most).
+pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How long history keeps what.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub hot: Duration,
+    pub cold: Duration,
+    pub cold_simplify_m: f64,
+}
+
+/// The durable half of the embedded store.
+pub struct Durability {
+    wal: Wal,
+    history: Arc<History>,
+    snapshots: PathBuf,
+    /// The log position the follower has appended to history up to (ahead of history's durable
+    /// checkpoint, which waits for open 30-second windows to be written).
+    followed: Mutex<Lsn>,
+}
+
+/// What recovery found and did, for the start-up log line.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub snapshot_lsn: Option<Lsn>,
+    pub snapshot_drivers: u64,
+    pub replayed_records: u64,
+    pub history_records: u64,
+    pub took: Duration,
+}
+
+fn age_since(received_at: Micros, now: Micros) -> Duration {
+    Duration::from_micros(now.saturating_sub(received_at).max(0) as u64)
+}
+
+impl Durability {
+    /// Opens the log, history and snapshots under `data_dir` and recovers `index` from them.
+    pub fn open(
+        data_dir: &Path,
+        policy: FsyncPolicy,
+        index: &MemoryIndex,
+    ) -> anyhow::Result<(Durability, Recovered)> {
+        let started = Instant::now();
+        let wal =
+            Wal::open(&data_dir.join("wal"), policy).context("opening the write-ahead log")?;
+        let history =
+            Arc::new(History::open(&data_dir.join("history")).context("opening history")?);
+        let snapshots = data_dir.join("snapshots");
+        let loaded = snapshot::load_latest(&snapshots, index).context("loading the snapshot")?;
+        let snapshot_lsn = loaded.as_ref().map_or(0, |s| s.lsn);
+        let checkpoint = history
+            .checkpoint()
+            .context("reading the history checkpoint")?;
+        let mut recovered = Recovered {
+            snapshot_lsn: loaded.as_ref().map(|s| s.lsn),
+            snapshot_drivers: loaded.as_ref().map_or(0, |s| s.drivers),
+            ..Recovered::default()
+        };
+        let now_wall = now_micros();
+        let now = Instant::now();
+        let mut last = checkpoint;
+        for record in wal
+            .read_from(snapshot_lsn.min(checkpoint))
+            .context("reading the log")?
+        {
+            let (lsn, batch) = record.context("replaying the log")?;
+            if lsn > snapshot_lsn {
+                let age = age_since(batch.received_at, now_wall);
+                for p in &batch.positions {
+                    index.restore(p, now, age);
+                }
+                recovered.replayed_records += 1;
+            }
+            if lsn > checkpoint {
+                history
+                    .append(&batch.positions)
+                    .context("replaying into history")?;
+                recovered.history_records += 1;
+                last = lsn;
+            }
+        }
+        if last > checkpoint {
+            history
+                .set_checkpoint(last)
+                .context("saving the history checkpoint")?;
+            history.persist().context("persisting history")?;
+        }
+        recovered.took = started.elapsed();
+        let followed = Mutex::new(last);
+        Ok((
+            Durability {
+                wal,
+                history,
+                snapshots,
+                followed,
+            },
+            recovered,
+        ))
+    }
+
+    /// Makes one request's positions durable (under the fsync policy).
+    pub async fn append(&self, batch: &Batch) -> Result<Lsn, crate::wal::WalError> {
+        self.wal.append(batch).await
+    }
+
+    pub fn history(&self) -> &Arc<History> {
+        &self.history
+    }
+
+    /// Reads a track page (blocking I/O, run off the async workers). History is first brought up
+    /// to the log's end, so a track shows every position acknowledged before the request.
+    pub async fn track(self: &Arc<Self>, query: TrackQuery) -> anyhow::Result<TrackPage> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            this.follow(false)?;
+            Ok(this.history.track(&query)?)
+        })
+        .await?
+    }
+
+    /// Appends log records not yet in history; returns how many. Then stores the checkpoint and
+    /// persists history (which makes the checkpoint durable once the open windows are written).
+    pub fn follow_once(&self) -> anyhow::Result<u64> {
+        self.follow(true)
+    }
+
+    fn follow(&self, persist: bool) -> anyhow::Result<u64> {
+        let mut followed = self
+            .followed
+            .lock()
+            .map_err(|_| anyhow::anyhow!("follower poisoned"))?;
+        let mut records = 0;
+        let mut last = *followed;
+        for record in self.wal.read_from(*followed)? {
+            let (lsn, batch) = record?;
+            self.history.append(&batch.positions)?;
+            last = lsn;
+            records += 1;
+        }
+        if records > 0 {
+            self.history.set_checkpoint(last)?;
+            *followed = last;
+        }
+        if persist {
+            self.history.persist()?;
+        }
+        Ok(records)
+    }
+
+    /// Brings history fully up to date on disk (shutdown): no replay needed at the next start.
+    pub fn flush_history(&self) -> anyhow::Result<()> {
+        self.follow_once()?;
+        self.history.flush()?;
+        Ok(())
+    }
+
+    /// Writes a snapshot of `index`, prunes old ones, and deletes log segments nothing needs any more.
+    pub fn snapshot(&self, index: &MemoryIndex) -> anyhow::Result<snapshot::SnapshotInfo> {
+        // Read the LSN first: every record up to it was applied to the index before it was appended.
+        let lsn = self.wal.end_lsn();
+        let info = snapshot::write(&self.snapshots, index, lsn)?;
+        snapshot::prune(&self.snapshots, SNAPSHOTS_KEPT)?;
+        let oldest_kept = snapshot::oldest_lsn(&self.snapshots)?.unwrap_or(0);
+        let needed = oldest_kept.min(self.history.checkpoint()?);
+        let removed = self.wal.remove_segments_before(needed)?;
+        if removed > 0 {
+            tracing::debug!(
+                removed,
+                "removed log segments covered by snapshots and history"
+            );
+        }
+        Ok(info)
+    }
+
+    pub fn apply_retention(&self, retention: Retention) -> anyhow::Result<()> {
+        let report = self.history.apply_retention(
+            now_micros(),
+            retention.hot,
+            retention.cold,
+            retention.cold_simplify_m,
+        )?;
+        tracing::debug!(?report, "history retention applied");
+        Ok(())
+    }
+
+    /// Flushes the log and history (graceful shutdown).
+    pub async fn close(&self) -> anyhow::Result<()> {
+        self.wal.close().await?;
+        Ok(())
+    }
+
+    pub fn disk_bytes(&self) -> u64 {
+        self.wal.disk_bytes() + self.history.disk_bytes()
+    }
+}
