@@ -25,6 +25,8 @@ use tokio::sync::oneshot;
 
 /// A group is written once it holds this much (a few milliseconds of a disk's bandwidth).
 pub const GROUP_BYTES: usize = 4 << 20;
+/// How many times the writer yields, with nothing queued, before it closes a group.
+const LINGER_YIELDS: usize = 2;
 
 pub type Reply<T> = oneshot::Sender<Result<T, WalError>>;
 
@@ -149,10 +151,25 @@ impl Writer {
                 }
             }
             if self.buf.len() < GROUP_BYTES {
-                next = rx.try_recv().ok();
+                next = rx.try_recv().ok().or_else(|| Self::linger(rx));
             }
         }
         Ok(())
+    }
+
+    /// With the queue empty, gives the request threads a moment to finish what they are decoding
+    /// before the group is closed: `yield_now` lets a request thread sharing this core run until it
+    /// blocks. Without it, on one core, the first request of a burst wakes this thread, which then
+    /// commits a group of one and makes the rest of the burst wait a whole extra fsync (measured:
+    /// ~4 appends per fsync instead of dozens at 64 connections).
+    fn linger(rx: &Receiver<Command>) -> Option<Command> {
+        for _ in 0..LINGER_YIELDS {
+            std::thread::yield_now();
+            if let Ok(command) = rx.try_recv() {
+                return Some(command);
+            }
+        }
+        None
     }
 
     /// Frames one record into the group buffer, first moving to a new segment if it would not fit.
