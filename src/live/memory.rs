@@ -116,8 +116,21 @@ struct Freshness {
 }
 
 impl Freshness {
+    /// Ticks since `seen`; zero when `seen` is after `now`. That happens: a request stamps its
+    /// positions with its own clock reading, which can be newer than the one a concurrent reader or
+    /// the sweeper took a moment earlier — such a driver is as fresh as can be, never expired.
+    /// (TTLs are at most `u32::MAX / 2` ticks, so the upper half of the range means "ahead".)
+    fn age(self, seen: u32) -> u32 {
+        let age = self.now.wrapping_sub(seen);
+        if age > u32::MAX / 2 {
+            0
+        } else {
+            age
+        }
+    }
+
     fn is_live(self, seen: u32) -> bool {
-        self.now.wrapping_sub(seen) < self.ttl
+        self.age(seen) < self.ttl
     }
 }
 
@@ -404,7 +417,7 @@ impl MemoryIndex {
             let shard = shard.read();
             for rec in shard.chunks.iter().flatten() {
                 if !rec.id.is_empty() && fresh.is_live(rec.seen) {
-                    let age_ms = fresh.now.wrapping_sub(rec.seen) as u64 * TICK_MS as u64;
+                    let age_ms = fresh.age(rec.seen) as u64 * TICK_MS as u64;
                     visit(&rec.to_position(), Duration::from_millis(age_ms));
                 }
             }

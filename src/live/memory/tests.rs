@@ -477,3 +477,21 @@ proptest! {
         prop_assert_eq!(ids_within(&index, &q, now), want);
     }
 }
+
+/// Regression: the sweeper reads the clock, then a request stamps a driver with a newer reading
+/// before the sweeper reaches its shard. That driver is fresh and must survive the sweep (it used to
+/// look infinitely old through the wrapping tick arithmetic and was dropped under load).
+#[test]
+fn a_driver_stamped_after_the_sweep_began_is_not_expired() {
+    let index = MemoryIndex::new(Duration::from_secs(3600));
+    let sweep_started = Instant::now() + Duration::from_secs(10);
+    let request_clock = sweep_started + Duration::from_millis(50);
+    index.upsert(&pos("racer", 1.0, 1.0, Status::Online, 1), request_clock);
+    assert_eq!(index.expire(sweep_started), 0);
+    assert!(index.get("racer", sweep_started).is_some());
+    let hits = index.nearby(&query(1.0, 1.0, 100.0, 10), sweep_started);
+    assert_eq!(hits.len(), 1);
+    let mut ages = Vec::new();
+    index.for_each_live(sweep_started, |_, age| ages.push(age));
+    assert_eq!(ages, [Duration::ZERO]);
+}
