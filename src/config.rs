@@ -73,6 +73,35 @@ pub struct ServeConfig {
     /// Douglas–Peucker tolerance, in metres, of the simplified (cold) tracks.
     #[arg(long, env = "FLEET_COLD_SIMPLIFY_M", default_value_t = 5.0)]
     pub cold_simplify_m: f64,
+
+    /// Map tiles of the live map page (`GET /`): a URL template with `{z}`, `{x}`, `{y}` (and
+    /// optionally `{s}`, one of a, b, c), or `none` for the plain coordinate grid.
+    #[arg(long, env = "FLEET_TILE_URL", default_value = DEFAULT_TILE_URL, value_parser = parse_tile_url)]
+    pub tile_url: String,
+}
+
+/// OpenStreetMap's standard tiles.
+pub const DEFAULT_TILE_URL: &str = "https://tile.openstreetmap.org/{z}/{x}/{y}.png";
+
+/// A tile URL template: `none`, or an http(s) URL (or an absolute path) with `{z}`, `{x}`, `{y}`.
+fn parse_tile_url(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if text == "none" {
+        return Ok(text.to_string());
+    }
+    let scheme_ok = ["http://", "https://", "/"]
+        .iter()
+        .any(|p| text.starts_with(p));
+    let missing: Vec<&str> = ["{z}", "{x}", "{y}"]
+        .into_iter()
+        .filter(|p| !text.contains(p))
+        .collect();
+    if !scheme_ok || !missing.is_empty() || text.chars().any(|c| c.is_whitespace() || c == '"') {
+        return Err(format!(
+            "expected `none` or an http(s) URL template with {{z}}, {{x}} and {{y}}, such as {DEFAULT_TILE_URL}"
+        ));
+    }
+    Ok(text.to_string())
 }
 
 /// The `--fsync` setting.
@@ -160,6 +189,7 @@ mod tests {
         assert_eq!(c.history_retention, Duration::from_secs(30 * 86_400));
         assert_eq!(c.cold_retention, Duration::from_secs(90 * 86_400));
         assert_eq!(c.cold_simplify_m, 5.0);
+        assert_eq!(c.tile_url, DEFAULT_TILE_URL);
     }
 
     #[test]
@@ -172,6 +202,17 @@ mod tests {
             )))
         );
         assert!(parse_fsync("sometimes").is_err());
+    }
+
+    #[test]
+    fn tile_urls_need_the_placeholders() {
+        assert!(parse_tile_url("https://tiles.example.com/{z}/{x}/{y}.png").is_ok());
+        assert!(parse_tile_url("https://{s}.tiles.example.com/{z}/{x}/{y}@2x.png").is_ok());
+        assert!(parse_tile_url("/tiles/{z}/{x}/{y}.png").is_ok());
+        assert_eq!(parse_tile_url("none").as_deref(), Ok("none"));
+        assert!(parse_tile_url("https://tiles.example.com/{z}/{x}.png").is_err());
+        assert!(parse_tile_url("ftp://tiles.example.com/{z}/{x}/{y}.png").is_err());
+        assert!(parse_tile_url("").is_err());
     }
 
     #[test]

@@ -63,7 +63,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     println!("fleettracker listening on http://{address}");
     std::io::stdout().flush().ok();
 
-    let app = api::router(tracker.clone());
+    let app = api::router_with(
+        tracker.clone(),
+        api::map::MapSettings::new(&config.tile_url),
+    );
     serve_connections(listener, app, shutdown).await;
     // WebSocket streams and device connections outlive their requests; draining told them to
     // close: let their close frames go out before the process exits.

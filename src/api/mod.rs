@@ -8,6 +8,7 @@ pub mod error;
 pub mod extract;
 pub mod ingest;
 pub mod locations;
+pub mod map;
 mod observe;
 pub mod ops;
 mod socket;
@@ -26,8 +27,13 @@ pub struct AppState {
     pub tracker: Arc<Tracker>,
 }
 
-/// The whole application, ready to serve.
+/// The whole application, ready to serve, with the live map's default settings.
 pub fn router(tracker: Arc<Tracker>) -> Router {
+    router_with(tracker, map::MapSettings::default())
+}
+
+/// The whole application, ready to serve; `map` configures the live map page at `/`.
+pub fn router_with(tracker: Arc<Tracker>, map: map::MapSettings) -> Router {
     let state = AppState { tracker };
     let api = Router::new()
         .route("/v1/locations", post(locations::post_location))
@@ -46,6 +52,7 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
     Router::new()
         .merge(SwaggerUi::new("/docs").url("/openapi.json", docs::openapi()))
         .merge(api)
+        .merge(map::routes(map))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(observe::ObserveLayer {

@@ -42,6 +42,10 @@ const ROUTES: &[&str] = &[
     "/docs",
     "/docs/",
     "/docs/{*rest}",
+    "/",
+    "/map/app.js",
+    "/map/style.css",
+    "/map/config.json",
 ];
 
 fn route_label(matched: Option<&MatchedPath>) -> &'static str {

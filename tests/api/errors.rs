@@ -187,7 +187,7 @@ async fn unknown_paths_are_404_and_wrong_methods_405() {
         "not_found",
     )
     .await;
-    assert_error(s.get("/").await, StatusCode::NOT_FOUND, "not_found").await;
+    assert_error(s.get("/nope").await, StatusCode::NOT_FOUND, "not_found").await;
     assert_error(
         s.get("/v1/locations").await,
         StatusCode::METHOD_NOT_ALLOWED,

@@ -7,6 +7,7 @@ mod errors;
 mod history;
 mod lifecycle;
 mod locations;
+mod map;
 mod ops;
 mod simulate;
 mod streams;
