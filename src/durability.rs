@@ -22,6 +22,7 @@ use crate::history::{History, TrackPage, TrackQuery};
 use crate::live::{snapshot, MemoryIndex};
 use crate::wal::{Batch, FsyncPolicy, Lsn, Wal};
 use anyhow::Context;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,6 +48,25 @@ pub struct Durability {
     /// The log position the follower has appended to history up to (ahead of history's durable
     /// checkpoint, which waits for open 30-second windows to be written).
     followed: Mutex<Lsn>,
+    /// Held for the life of the process: one server per data directory.
+    _lock: File,
+}
+
+/// Takes an exclusive lock on `data_dir/LOCK`, so a second server on the same directory refuses to
+/// start instead of "repairing" the log tail the first one is writing.
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
+    let path = data_dir.join("LOCK");
+    let file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another fleettracker process is using the data directory {}",
+            data_dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }
 
 /// What recovery found and did, for the start-up log line.
@@ -71,6 +91,7 @@ impl Durability {
         index: &MemoryIndex,
     ) -> anyhow::Result<(Durability, Recovered)> {
         let started = Instant::now();
+        let lock = lock_data_dir(data_dir)?;
         let wal =
             Wal::open(&data_dir.join("wal"), policy).context("opening the write-ahead log")?;
         let history =
@@ -123,6 +144,7 @@ impl Durability {
                 history,
                 snapshots,
                 followed,
+                _lock: lock,
             },
             recovered,
         ))

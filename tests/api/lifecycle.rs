@@ -170,3 +170,23 @@ async fn signals_drain_in_flight_requests_and_exit_zero() {
         assert!(status.success(), "exit status {status:?}");
     }
 }
+
+/// One server per data directory: a second one refuses to start (it would otherwise treat the log
+/// tail the first is writing as torn), and says why.
+#[test]
+fn a_second_server_on_the_same_data_dir_refuses_to_start() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let first = Server::start_with(&["--data-dir", dir], &[]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleettracker"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", dir])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another fleettracker process"), "{stderr}");
+    drop(first);
+    // Once the first is gone, the directory is free again.
+    let again = Server::start_with(&["--data-dir", dir], &[]);
+    drop(again);
+}
