@@ -102,6 +102,18 @@ impl Durability {
         let checkpoint = history
             .checkpoint()
             .context("reading the history checkpoint")?;
+        let covered = snapshot_lsn.max(checkpoint);
+        if wal.end_lsn() < covered {
+            // New records would get LSNs the snapshot or history claim to hold already, and a later
+            // recovery would skip them: refuse rather than lose data silently.
+            anyhow::bail!(
+                "the write-ahead log in {} ends at LSN {} but the snapshot or history already cover up \
+                 to {covered}: the log was removed or replaced. Restore it, or move the data directory \
+                 aside to start empty.",
+                data_dir.join("wal").display(),
+                wal.end_lsn()
+            );
+        }
         let mut recovered = Recovered {
             snapshot_lsn: loaded.as_ref().map(|s| s.lsn),
             snapshot_drivers: loaded.as_ref().map_or(0, |s| s.drivers),

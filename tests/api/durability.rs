@@ -170,3 +170,34 @@ async fn every_acknowledged_position_survives_kill_9() {
 fn urlencode(text: &str) -> String {
     text.replace('+', "%2B").replace(':', "%3A")
 }
+
+/// A log that went missing under a snapshot that covers more is refused at start-up, with the reason,
+/// instead of handing out LSNs a later recovery would skip.
+#[tokio::test]
+async fn a_missing_log_under_a_newer_snapshot_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap().to_string();
+    let mut s = Server::start_with(&["--data-dir", dir.as_str()], &[]);
+    s.report(json!({"driver_id": "a", "latitude": 1, "longitude": 1}))
+        .await;
+    s.signal("TERM");
+    assert!(s.wait_exit(Duration::from_secs(20)).success());
+    drop(s);
+    std::fs::remove_dir_all(data.path().join("wal")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleettracker"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.as_str(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the log was removed or replaced"),
+        "{stderr}"
+    );
+}
