@@ -31,7 +31,7 @@ use utoipa::OpenApi;
         crate::hub::message::PositionMessage,
         crate::hub::message::RemovedMessage,
         crate::hub::message::SnapshotMessage,
-        crate::hub::message::StreamDriver,
+        crate::hub::message::DriverView,
         crate::hub::RemovedReason,
         socket::ErrorMessage,
         ingest::IngestAck,

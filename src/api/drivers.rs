@@ -4,9 +4,11 @@ use super::error::ApiError;
 use super::extract::QueryParams;
 use super::AppState;
 use crate::domain::position::is_valid_driver_id;
-use crate::domain::{format_rfc3339, FieldError, Position, Status, StatusSet};
+use crate::domain::{format_rfc3339, FieldError, Status, StatusSet};
+use crate::hub::message::DriverView;
 use crate::live::{NearbyHit, NearbyQuery};
 use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -52,38 +54,6 @@ pub struct NearbyDriver {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct NearbyResponse {
     pub drivers: Vec<NearbyDriver>,
-}
-
-/// A driver's latest state.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct DriverResponse {
-    pub driver_id: String,
-    pub latitude: f64,
-    pub longitude: f64,
-    pub status: Status,
-    #[schema(format = DateTime)]
-    pub timestamp: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub speed_mps: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub heading_deg: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub accuracy_m: Option<f32>,
-}
-
-impl From<Position> for DriverResponse {
-    fn from(p: Position) -> Self {
-        DriverResponse {
-            latitude: p.latitude(),
-            longitude: p.longitude(),
-            driver_id: p.driver_id.into(),
-            status: p.status,
-            timestamp: format_rfc3339(p.timestamp),
-            speed_mps: p.speed_mps,
-            heading_deg: p.heading_deg,
-            accuracy_m: p.accuracy_m,
-        }
-    }
 }
 
 impl From<NearbyHit> for NearbyDriver {
@@ -240,7 +210,7 @@ pub async fn nearby(
     get, path = "/v1/drivers/{driver_id}", tag = "drivers",
     params(("driver_id" = String, Path, description = "The driver's id")),
     responses(
-        (status = 200, description = "Latest state", body = DriverResponse),
+        (status = 200, description = "Latest state", body = DriverView),
         (status = 404, description = "Unknown, or silent for longer than the driver TTL", body = super::error::ErrorResponse),
         (status = 422, description = "Not a valid driver id", body = super::error::ErrorResponse),
     )
@@ -248,12 +218,12 @@ pub async fn nearby(
 pub async fn get_driver(
     State(state): State<AppState>,
     Path(driver_id): Path<String>,
-) -> Result<Json<DriverResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     check_driver_id(&driver_id)?;
     state
         .tracker
         .driver(&driver_id)
-        .map(|p| Json(DriverResponse::from(p)))
+        .map(|p| Json(DriverView::from(&p)).into_response())
         .ok_or_else(|| {
             ApiError::NotFound(format!("driver {driver_id} is not known or has expired"))
         })

@@ -19,9 +19,10 @@ pub struct Update {
 /// Most drivers in one `snapshot` message; a larger snapshot comes in parts.
 pub const SNAPSHOT_PART: usize = 1000;
 
-/// A driver's state as streams show it (the fields of `GET /v1/drivers/{driver_id}`).
+/// A driver's state as the API shows it: the body of `GET /v1/drivers/{driver_id}` and the driver
+/// in stream messages (one shape, so clients parse both the same way).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct StreamDriver<'a> {
+pub struct DriverView<'a> {
     #[schema(value_type = String)]
     pub driver_id: &'a str,
     pub latitude: f64,
@@ -37,9 +38,9 @@ pub struct StreamDriver<'a> {
     pub accuracy_m: Option<f32>,
 }
 
-impl<'a> From<&'a Position> for StreamDriver<'a> {
+impl<'a> From<&'a Position> for DriverView<'a> {
     fn from(p: &'a Position) -> Self {
-        StreamDriver {
+        DriverView {
             driver_id: &p.driver_id,
             latitude: p.latitude(),
             longitude: p.longitude(),
@@ -60,7 +61,7 @@ pub struct PositionMessage<'a> {
     #[schema(example = "position")]
     pub kind: &'static str,
     #[serde(flatten)]
-    pub driver: StreamDriver<'a>,
+    pub driver: DriverView<'a>,
 }
 
 /// `{"type":"removed","driver_id","reason"}`: a driver left the subscriber's scope.
@@ -85,7 +86,7 @@ pub struct SnapshotMessage<'a> {
     pub kind: &'static str,
     pub part: usize,
     pub more: bool,
-    pub drivers: Vec<StreamDriver<'a>>,
+    pub drivers: Vec<DriverView<'a>>,
 }
 
 /// JSON for a message built from our own types (which always serialise); never panics.
@@ -104,7 +105,7 @@ pub fn to_json(value: &impl Serialize) -> Bytes {
 pub fn position(p: &Position) -> Update {
     let message = PositionMessage {
         kind: "position",
-        driver: StreamDriver::from(p),
+        driver: DriverView::from(p),
     };
     Update {
         driver: p.driver_id.clone(),
@@ -135,7 +136,7 @@ pub fn snapshot(drivers: &[Position]) -> Vec<Bytes> {
                 kind: "snapshot",
                 part,
                 more: part + 1 < parts,
-                drivers: drivers[from..to].iter().map(StreamDriver::from).collect(),
+                drivers: drivers[from..to].iter().map(DriverView::from).collect(),
             })
         })
         .collect()
