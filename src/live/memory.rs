@@ -153,13 +153,19 @@ impl Shard {
         if let Some(slot) = self.free.pop() {
             return slot;
         }
-        if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
-            self.chunks.push(Vec::with_capacity(CHUNK));
+        let before = self.chunks.len().saturating_sub(1) * CHUNK;
+        match self.chunks.last_mut() {
+            Some(last) if last.len() < CHUNK => {
+                last.push(Record::default());
+                (before + last.len() - 1) as u32
+            }
+            _ => {
+                let mut chunk = Vec::with_capacity(CHUNK);
+                chunk.push(Record::default());
+                self.chunks.push(chunk);
+                ((self.chunks.len() - 1) * CHUNK) as u32
+            }
         }
-        let full = (self.chunks.len() - 1) * CHUNK;
-        let last = self.chunks.last_mut().expect("a chunk was just ensured");
-        last.push(Record::default());
-        (full + last.len() - 1) as u32
     }
 
     /// `seen` is when the position was received, in ticks (now, or earlier when restoring).
