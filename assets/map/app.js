@@ -301,35 +301,25 @@
       if (last - first > 400) return;
       for (let i = first; i <= last; i++) draw(i * every, i);
     };
-    // Minor lines.
+    // Meridians and parallels every `spacing` degrees, in one stroke style.
+    const gridLines = (spacing, style) => {
+      ctx.strokeStyle = style;
+      ctx.beginPath();
+      lines(west, east, spacing, (lon) => {
+        const x = Math.round(toScreenX(lon)) + 0.5;
+        ctx.moveTo(x, 0);
+        ctx.lineTo(x, height);
+      });
+      lines(se.lat, nw.lat, spacing, (lat) => {
+        const y = Math.round(toScreen(lat, view.lon).y) + 0.5;
+        ctx.moveTo(0, y);
+        ctx.lineTo(width, y);
+      });
+      ctx.stroke();
+    };
     ctx.lineWidth = 1;
-    ctx.strokeStyle = 'rgba(100, 116, 139, 0.10)';
-    ctx.beginPath();
-    lines(west, east, minor, (lon) => {
-      const x = Math.round(toScreenX(lon)) + 0.5;
-      ctx.moveTo(x, 0);
-      ctx.lineTo(x, height);
-    });
-    lines(se.lat, nw.lat, minor, (lat) => {
-      const y = Math.round(toScreen(lat, view.lon).y) + 0.5;
-      ctx.moveTo(0, y);
-      ctx.lineTo(width, y);
-    });
-    ctx.stroke();
-    // Major lines.
-    ctx.strokeStyle = 'rgba(71, 85, 105, 0.26)';
-    ctx.beginPath();
-    lines(west, east, step, (lon) => {
-      const x = Math.round(toScreenX(lon)) + 0.5;
-      ctx.moveTo(x, 0);
-      ctx.lineTo(x, height);
-    });
-    lines(se.lat, nw.lat, step, (lat) => {
-      const y = Math.round(toScreen(lat, view.lon).y) + 0.5;
-      ctx.moveTo(0, y);
-      ctx.lineTo(width, y);
-    });
-    ctx.stroke();
+    gridLines(minor, 'rgba(100, 116, 139, 0.10)');
+    gridLines(step, 'rgba(71, 85, 105, 0.26)');
     // Labels on the top and left edges.
     const d = decimals(step);
     ctx.font = '11px system-ui, "DejaVu Sans", sans-serif';
