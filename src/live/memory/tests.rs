@@ -263,6 +263,40 @@ fn antimeridian_and_pole_neighbours_are_found() {
     }
 }
 
+fn wrap_lon(lon: f64) -> f64 {
+    (lon + 180.0).rem_euclid(360.0) - 180.0
+}
+
+/// An index holding drivers at `center + spot * spread` (latitude clamped, longitude wrapped),
+/// statuses from the spots; for the property tests.
+fn scatter(
+    spots: &[(f64, f64, u8)],
+    center_lat: f64,
+    center_lon: f64,
+    spread: f64,
+) -> (MemoryIndex, Vec<Position>, Instant) {
+    let index = MemoryIndex::new(TTL);
+    let now = Instant::now();
+    let drivers: Vec<Position> = spots
+        .iter()
+        .enumerate()
+        .map(|(i, &(dy, dx, s))| {
+            let lat = (center_lat + dy * spread).clamp(-90.0, 90.0);
+            pos(
+                &format!("d{i}"),
+                lat,
+                wrap_lon(center_lon + dx * spread),
+                Status::from_index(s),
+                1,
+            )
+        })
+        .collect();
+    for p in &drivers {
+        index.upsert(p, now);
+    }
+    (index, drivers, now)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -277,18 +311,9 @@ proptest! {
         radius in 1.0f64..100_000.0,
         limit in 1usize..60,
     ) {
-        let index = MemoryIndex::new(TTL);
-        let now = Instant::now();
-        let wrap = |lon: f64| ((lon + 180.0).rem_euclid(360.0)) - 180.0;
-        let drivers: Vec<Position> = spots.iter().enumerate().map(|(i, &(dy, dx, s))| {
-            pos(&format!("d{i}"), (center_lat + dy * spread).clamp(-90.0, 90.0),
-                wrap(center_lon + dx * spread), Status::from_index(s), 1)
-        }).collect();
-        for p in &drivers {
-            index.upsert(p, now);
-        }
+        let (index, drivers, now) = scatter(&spots, center_lat, center_lon, spread);
         let q = query((center_lat + q_offset.0 * spread).clamp(-90.0, 90.0),
-                      wrap(center_lon + q_offset.1 * spread), radius, limit);
+                      wrap_lon(center_lon + q_offset.1 * spread), radius, limit);
         let got = index.nearby(&q, now);
         let want = brute_force(&drivers, &q);
         prop_assert_eq!(got.len(), want.len());
@@ -452,21 +477,12 @@ proptest! {
         corners in ((-1.0f64..1.0, -1.0f64..1.0), (0.0f64..2.0, 0.0f64..2.0)),
         scale in prop_oneof![Just(1.0f64), Just(40.0)],
     ) {
-        let index = MemoryIndex::new(TTL);
-        let now = Instant::now();
-        let wrap = |lon: f64| ((lon + 180.0).rem_euclid(360.0)) - 180.0;
-        let drivers: Vec<Position> = spots.iter().enumerate().map(|(i, &(dy, dx, s))| {
-            pos(&format!("d{i}"), (center_lat + dy * spread).clamp(-90.0, 90.0),
-                wrap(center_lon + dx * spread), Status::from_index(s), 1)
-        }).collect();
-        for p in &drivers {
-            index.upsert(p, now);
-        }
+        let (index, drivers, now) = scatter(&spots, center_lat, center_lon, spread);
         let ((dy, dx), (h, w)) = corners;
         let south = (center_lat + dy * spread).clamp(-90.0, 90.0);
         let north = (south + h * spread * scale).min(90.0);
-        let west = wrap(center_lon + dx * spread);
-        let east = wrap(west + (w * spread * scale).min(359.0));
+        let west = wrap_lon(center_lon + dx * spread);
+        let east = wrap_lon(west + (w * spread * scale).min(359.0));
         let q = box_query(south, west, north, east);
         let mut want: Vec<String> = drivers
             .iter()
