@@ -38,6 +38,12 @@ const HTTP_DURATION: &str = "http_request_duration_seconds";
 const STORE_WRITE: &str = "location_store_write_seconds";
 const UPDATES: &str = "driver_updates_total";
 const ACTIVE: &str = "drivers_active";
+/// Latency histograms of calls to a backing store (Redis, PostgreSQL); they share one bucket list.
+const BACKEND_LATENCIES: &[&str] = &[
+    "redis_geoadd_latency_seconds",
+    "redis_command_latency_seconds",
+    "history_worker_commit_seconds",
+];
 
 const HTTP_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -88,6 +94,11 @@ impl Metrics {
             .set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), HTTP_BUCKETS)
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(STORE_WRITE.into()), STORE_BUCKETS)
+            })
+            .and_then(|b| {
+                BACKEND_LATENCIES.iter().try_fold(b, |b, name| {
+                    b.set_buckets_for_metric(Matcher::Full((*name).into()), HTTP_BUCKETS)
+                })
             })
             .expect("bucket lists are non-empty constants")
             .build_recorder();
@@ -155,6 +166,24 @@ impl Metrics {
     pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Gauge {
         let key = series_key(name, labels);
         self.inner.recorder.register_gauge(&key, &METADATA)
+    }
+
+    /// Registers a histogram series whose handle the caller keeps (see [`Metrics::counter`]).
+    /// Latency histograms of backing stores get fine buckets when listed in `BACKEND_LATENCIES`.
+    pub fn histogram(
+        &self,
+        name: &'static str,
+        labels: &[(&'static str, &'static str)],
+    ) -> Histogram {
+        let key = series_key(name, labels);
+        self.inner.recorder.register_histogram(&key, &METADATA)
+    }
+
+    /// The `# HELP` text of a histogram registered through [`Metrics::histogram`].
+    pub fn describe_histogram(&self, name: &'static str, help: &'static str) {
+        self.inner
+            .recorder
+            .describe_histogram(name.into(), Some(Unit::Seconds), help.into());
     }
 
     /// The `# HELP` text of a counter registered through [`Metrics::counter`].
