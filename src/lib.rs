@@ -4,6 +4,7 @@
 //! driver, by grid cell). `domain` and `geo` hold the vocabulary and the math and do no I/O.
 
 pub mod api;
+pub mod backend;
 pub mod config;
 pub mod domain;
 pub mod durability;
