@@ -200,10 +200,12 @@ impl Metrics {
             .describe_gauge(name.into(), None, help.into());
     }
 
-    /// The Prometheus text exposition, with gauges refreshed from `counts`.
-    pub fn render(&self, counts: StatusCounts) -> String {
-        for status in Status::ALL {
-            self.inner.active[status as usize].set(counts.get(status) as f64);
+    /// The Prometheus text exposition, with the driver gauges refreshed from `counts` if given.
+    pub fn render(&self, counts: Option<StatusCounts>) -> String {
+        if let Some(counts) = counts {
+            for status in Status::ALL {
+                self.inner.active[status as usize].set(counts.get(status) as f64);
+            }
         }
         self.inner.handle.render()
     }

@@ -142,7 +142,10 @@ fn spawn_durability_jobs(tracker: &Arc<Tracker>, config: &ServeConfig) {
     });
     let (d, t) = (durability.clone(), tracker.clone());
     every(config.snapshot_interval, "snapshot", move || {
-        let info = d.snapshot(t.index())?;
+        let Some(index) = t.memory_index() else {
+            return Ok(());
+        };
+        let info = d.snapshot(index)?;
         tracing::debug!(lsn = info.lsn, drivers = info.drivers, "snapshot written");
         Ok(())
     });
@@ -175,7 +178,9 @@ async fn close_durability(tracker: &Arc<Tracker>) {
     let t = tracker.clone();
     let done = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         durability.flush_history()?;
-        durability.snapshot(t.index())?;
+        if let Some(index) = t.memory_index() {
+            durability.snapshot(index)?;
+        }
         Ok(())
     })
     .await;
@@ -256,12 +261,10 @@ fn spawn_background_jobs(tracker: &Arc<Tracker>, ttl: Duration) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let t = sweeper.clone();
-            let removed = tokio::task::spawn_blocking(move || t.expire())
-                .await
-                .unwrap_or(0);
-            if removed > 0 {
-                tracing::debug!(removed, "expired silent drivers");
+            match sweeper.expire().await {
+                Ok(0) => {}
+                Ok(removed) => tracing::debug!(removed, "expired silent drivers"),
+                Err(e) => tracing::warn!(error = %e, "expiry sweep failed; retrying"),
             }
         }
     });

@@ -6,11 +6,11 @@
 //! fails is answered 503 and may stay visible live until it is replaced — it was never acknowledged.
 //! Stream subscribers (the hub) are sent a position once it is durable, with its acknowledgement.
 
-use crate::domain::{Micros, Position, Status};
+use crate::domain::{DriverId, Micros, Position, Status};
 use crate::durability::Durability;
 use crate::history::{HistoryError, TrackPage, TrackQuery};
 use crate::hub::{Hub, HubConfig};
-use crate::live::{BoxQuery, MemoryIndex, NearbyHit, NearbyQuery, StatusCounts, Upsert};
+use crate::live::{BoxQuery, LiveStore, MemoryIndex, NearbyHit, NearbyQuery, StatusCounts, Upsert};
 use crate::metrics::Metrics;
 use crate::wal::Batch;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,11 +28,13 @@ pub enum TrackerError {
     BadCursor(String),
     #[error("history is unavailable: {0}")]
     HistoryUnavailable(String),
+    #[error("the live store is unavailable: {0}")]
+    LiveUnavailable(String),
 }
 
 /// Shared service state behind every handler.
 pub struct Tracker {
-    index: MemoryIndex,
+    live: LiveStore,
     durability: Option<Arc<Durability>>,
     metrics: Metrics,
     hub: Arc<Hub>,
@@ -41,14 +43,14 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// A tracker over `index`; without `durability` positions live in memory only.
+    /// A tracker over `live`; without `durability` positions live in memory only.
     pub fn new(
-        index: MemoryIndex,
+        live: impl Into<LiveStore>,
         durability: Option<Arc<Durability>>,
         metrics: Metrics,
     ) -> Tracker {
         Tracker {
-            index,
+            live: live.into(),
             durability,
             hub: Arc::new(Hub::new(HubConfig::from_env(), &metrics)),
             metrics,
@@ -71,8 +73,9 @@ impl Tracker {
         &self.hub
     }
 
-    pub fn index(&self) -> &MemoryIndex {
-        &self.index
+    /// The embedded index, when the live store is in this process (snapshots need it).
+    pub fn memory_index(&self) -> Option<&MemoryIndex> {
+        self.live.memory()
     }
 
     pub fn durability(&self) -> Option<&Arc<Durability>> {
@@ -87,14 +90,10 @@ impl Tracker {
         received_at: Micros,
     ) -> Result<(), TrackerError> {
         let started = Instant::now();
-        let mut by_status = [0u64; 3];
         let publish = self.hub.is_active();
-        let mut applied = Vec::new();
-        for (i, p) in positions.iter().enumerate() {
-            // A stale position (older than the latest) is accepted but leaves the latest alone.
-            if self.index.upsert(p, started) == Upsert::Applied && publish {
-                applied.push(i);
-            }
+        let applied = self.upsert(&positions, started, publish).await?;
+        let mut by_status = [0u64; 3];
+        for p in &positions {
             by_status[p.status as usize] += 1;
         }
         let count = positions.len() as u64;
@@ -123,17 +122,57 @@ impl Tracker {
         Ok(())
     }
 
-    pub fn driver(&self, id: &str) -> Option<Position> {
-        self.index.get(id, Instant::now())
+    /// Writes positions to the live store; returns the indexes of those that became their
+    /// driver's latest (collected only when `collect` is set: someone listens).
+    async fn upsert(
+        &self,
+        positions: &[Position],
+        now: Instant,
+        collect: bool,
+    ) -> Result<Vec<usize>, TrackerError> {
+        let mut applied = Vec::new();
+        match &self.live {
+            LiveStore::Memory(index) => {
+                for (i, p) in positions.iter().enumerate() {
+                    // A stale position (older than the latest) is accepted but leaves the
+                    // latest alone.
+                    if index.upsert(p, now) == Upsert::Applied && collect {
+                        applied.push(i);
+                    }
+                }
+            }
+        }
+        Ok(applied)
     }
 
-    pub fn nearby(&self, q: &NearbyQuery) -> Vec<NearbyHit> {
-        self.index.nearby(q, Instant::now())
+    /// A driver's latest position, `None` when unknown or past the TTL.
+    pub async fn driver(&self, id: &str) -> Result<Option<Position>, TrackerError> {
+        match &self.live {
+            LiveStore::Memory(index) => Ok(index.get(id, Instant::now())),
+        }
+    }
+
+    /// The latest positions of those of `ids` that are live.
+    pub async fn drivers(&self, ids: &[DriverId]) -> Result<Vec<Position>, TrackerError> {
+        match &self.live {
+            LiveStore::Memory(index) => {
+                let now = Instant::now();
+                Ok(ids.iter().filter_map(|id| index.get(id, now)).collect())
+            }
+        }
+    }
+
+    pub async fn nearby(&self, q: &NearbyQuery) -> Result<Vec<NearbyHit>, TrackerError> {
+        match &self.live {
+            LiveStore::Memory(index) => Ok(index.nearby(q, Instant::now())),
+        }
     }
 
     /// Every live driver inside a box (a stream subscriber's snapshot).
-    pub fn within_box(&self, q: &BoxQuery) -> Vec<Position> {
-        self.index.within_box(q, Instant::now())
+    pub async fn within_box(&self, q: &BoxQuery) -> Result<Vec<Position>, TrackerError> {
+        match &self.live {
+            LiveStore::Memory(index) => Ok(index.within_box(q, Instant::now())),
+        }
     }
 
     /// A page of a driver's history.
@@ -151,8 +190,11 @@ impl Tracker {
             })
     }
 
-    pub fn counts(&self) -> StatusCounts {
-        self.index.counts()
+    /// Live drivers by status (across every instance when the store is shared).
+    pub async fn counts(&self) -> Result<StatusCounts, TrackerError> {
+        match &self.live {
+            LiveStore::Memory(index) => Ok(index.counts()),
+        }
     }
 
     pub fn updates_total(&self) -> u64 {
@@ -161,15 +203,28 @@ impl Tracker {
 
     /// Removes drivers past their TTL; called by the background sweeper. Stream subscribers
     /// that were shown them are told they expired.
-    pub fn expire(&self) -> usize {
+    pub async fn expire(self: &Arc<Self>) -> Result<usize, TrackerError> {
+        match &self.live {
+            LiveStore::Memory(_) => {
+                let tracker = self.clone();
+                tokio::task::spawn_blocking(move || tracker.expire_in_memory())
+                    .await
+                    .map_err(|e| TrackerError::LiveUnavailable(e.to_string()))
+            }
+        }
+    }
+
+    fn expire_in_memory(&self) -> usize {
+        let Some(index) = self.live.memory() else {
+            return 0;
+        };
         if !self.hub.is_active() {
-            return self.index.expire(Instant::now());
+            return index.expire(Instant::now());
         }
         let mut expired = Vec::new();
-        let removed = self
-            .index
-            .expire_each(Instant::now(), |p| expired.push(p.driver_id));
-        self.hub.expired(&expired, |id| self.driver(id));
+        let removed = index.expire_each(Instant::now(), |p| expired.push(p.driver_id));
+        self.hub
+            .expired(&expired, |id| index.get(id, Instant::now()));
         removed
     }
 

@@ -199,6 +199,7 @@ pub async fn nearby(
     let drivers = state
         .tracker
         .nearby(&query)
+        .await?
         .into_iter()
         .map(NearbyDriver::from)
         .collect();
@@ -223,6 +224,7 @@ pub async fn get_driver(
     state
         .tracker
         .driver(&driver_id)
+        .await?
         .map(|p| Json(DriverView::from(&p)).into_response())
         .ok_or_else(|| {
             ApiError::NotFound(format!("driver {driver_id} is not known or has expired"))

@@ -118,7 +118,8 @@ impl From<crate::tracker::TrackerError> for ApiError {
             TrackerError::BadCursor(why) => ApiError::invalid_field("cursor", why),
             TrackerError::LogUnavailable(_)
             | TrackerError::HistoryDisabled
-            | TrackerError::HistoryUnavailable(_) => ApiError::StoreUnavailable(e.to_string()),
+            | TrackerError::HistoryUnavailable(_)
+            | TrackerError::LiveUnavailable(_) => ApiError::StoreUnavailable(e.to_string()),
         }
     }
 }

@@ -59,7 +59,9 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<HealthResponse>
 #[utoipa::path(get, path = "/metrics", tag = "ops",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.tracker.metrics().render(state.tracker.counts());
+    // Without the live store (an outage) the driver gauges keep their last values.
+    let counts = state.tracker.counts().await.ok();
+    let text = state.tracker.metrics().render(counts);
     let mut response = text.into_response();
     response.headers_mut().insert(
         CONTENT_TYPE,
@@ -71,9 +73,9 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 /// Drivers by status and positions accepted so far.
 #[utoipa::path(get, path = "/v1/stats", tag = "ops",
     responses((status = 200, description = "Counts", body = StatsResponse)))]
-pub async fn stats(State(state): State<AppState>) -> Json<StatsResponse> {
-    let c = state.tracker.counts();
-    Json(StatsResponse {
+pub async fn stats(State(state): State<AppState>) -> Result<Json<StatsResponse>, ApiError> {
+    let c = state.tracker.counts().await?;
+    Ok(Json(StatsResponse {
         drivers: DriverCounts {
             online: c.online,
             busy: c.busy,
@@ -81,7 +83,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<StatsResponse> {
             total: c.total(),
         },
         updates_total: state.tracker.updates_total(),
-    })
+    }))
 }
 
 pub async fn not_found(uri: Uri) -> ApiError {

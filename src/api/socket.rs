@@ -115,6 +115,14 @@ pub fn close_frame(reason: CloseReason) -> CloseFrame {
     }
 }
 
+/// The close frame when the live store cannot be read (a shared store's outage): 1013, try later.
+pub fn store_unavailable_frame() -> CloseFrame {
+    CloseFrame {
+        code: close_code::AGAIN,
+        reason: Utf8Bytes::from_static("live store unavailable; retry later"),
+    }
+}
+
 /// Ends a connection: with our close frame if there is one, else by completing the closing
 /// handshake the client started (or noticing it is gone).
 pub async fn finish(mut socket: WebSocket, frame: Option<CloseFrame>) {

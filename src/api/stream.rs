@@ -20,6 +20,7 @@ use super::socket::{self, ErrorMessage, Strikes};
 use super::AppState;
 use crate::domain::position::is_valid_driver_id;
 use crate::domain::{FieldError, StatusSet};
+use crate::hub::Refused;
 use crate::hub::{Area, Circle, CloseReason, Feed, Scope, StreamRequest, Transport};
 use crate::live::BoxQuery;
 use crate::tracker::Tracker;
@@ -338,8 +339,14 @@ fn not_accepting() -> ApiError {
 }
 
 async fn run_ws(socket: WebSocket, tracker: Arc<Tracker>, request: StreamRequest) {
-    let Ok((feed, snapshot)) = Feed::open(&tracker, request, Transport::Ws) else {
-        return socket::close(socket, socket::close_frame(CloseReason::Shutdown)).await;
+    let (feed, snapshot) = match Feed::open(&tracker, request, Transport::Ws).await {
+        Ok(opened) => opened,
+        Err(Refused::NotAccepting) => {
+            return socket::close(socket, socket::close_frame(CloseReason::Shutdown)).await
+        }
+        Err(Refused::StoreUnavailable) => {
+            return socket::close(socket, socket::store_unavailable_frame()).await
+        }
     };
     let config = tracker.hub().config();
     let mut stream = WsStream {
@@ -452,10 +459,12 @@ impl WsStream {
                 ApiError::MalformedJson("binary messages are not accepted: send JSON text".into())
             }
             Some(Ok(Message::Text(text))) => match subscribe_request(&text) {
-                Ok(request) => {
-                    let snapshot = self.feed.resubscribe(request);
-                    return self.send(snapshot).await;
-                }
+                Ok(request) => match self.feed.resubscribe(request).await {
+                    Ok(snapshot) => return self.send(snapshot).await,
+                    Err(_) => {
+                        return Err((CloseReason::Error, Some(socket::store_unavailable_frame())))
+                    }
+                },
                 Err(error) => error,
             },
         };
@@ -510,8 +519,14 @@ pub async fn stream_sse(
     QueryParams(params): QueryParams<StreamParams>,
 ) -> Result<Response, ApiError> {
     let request = params.to_request()?;
-    let (feed, snapshot) =
-        Feed::open(&state.tracker, request, Transport::Sse).map_err(|_| not_accepting())?;
+    let (feed, snapshot) = Feed::open(&state.tracker, request, Transport::Sse)
+        .await
+        .map_err(|refused| match refused {
+            Refused::NotAccepting => not_accepting(),
+            Refused::StoreUnavailable => {
+                ApiError::StoreUnavailable("the live store is unavailable; retry later".into())
+            }
+        })?;
     let keepalive = state.tracker.hub().config().keepalive;
     let events = SseEvents {
         feed,

@@ -10,7 +10,7 @@ use super::outbox::Outbox;
 use super::pacer::Pacer;
 use super::{Area, CloseReason, Hub, Scope, StreamRequest, SubId, Transport};
 use crate::domain::Position;
-use crate::tracker::Tracker;
+use crate::tracker::{Tracker, TrackerError};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 pub enum Refused {
     /// The service is draining (or not ready yet).
     NotAccepting,
+    /// The live store could not be read for the snapshot (a shared store's outage).
+    StoreUnavailable,
 }
 
 pub struct Feed {
@@ -38,7 +40,7 @@ pub struct Feed {
 impl Feed {
     /// Registers a subscription and returns it with its snapshot messages, to be sent before
     /// anything [`Feed::ready`] gives.
-    pub fn open(
+    pub async fn open(
         tracker: &Arc<Tracker>,
         request: StreamRequest,
         transport: Transport,
@@ -59,31 +61,44 @@ impl Feed {
             taken: Vec::new(),
             hub,
         };
-        let snapshot = feed.subscribe(request);
+        let snapshot = feed.subscribe(request).await?;
         Ok((feed, snapshot))
     }
 
     /// Replaces what the feed follows; returns the new snapshot, which replaces the old view.
     /// Messages still pending about the old scope are dropped.
-    pub fn resubscribe(&mut self, request: StreamRequest) -> Vec<Bytes> {
+    pub async fn resubscribe(&mut self, request: StreamRequest) -> Result<Vec<Bytes>, Refused> {
         self.generation = self.generation.wrapping_add(1);
-        self.subscribe(request)
+        self.subscribe(request).await
     }
 
-    fn subscribe(&mut self, request: StreamRequest) -> Vec<Bytes> {
+    async fn subscribe(&mut self, request: StreamRequest) -> Result<Vec<Bytes>, Refused> {
         let scope = request.scope;
         self.hub
             .register(self.id, self.generation, scope.clone(), &self.outbox);
         self.pacer.reset(request.min_interval);
-        let drivers = read_snapshot(&self.tracker, &scope);
-        self.hub.adopt(self.id, self.generation, &drivers, |id| {
-            self.tracker.driver(id)
-        });
+        let drivers = read_snapshot(&self.tracker, &scope)
+            .await
+            .map_err(|_| Refused::StoreUnavailable)?;
+        match self.tracker.memory_index() {
+            // In process: re-read each driver under the hub's lock (see `Hub::adopt`).
+            Some(index) => self.hub.adopt(self.id, self.generation, &drivers, |id| {
+                index.get(id, Instant::now())
+            }),
+            // A shared store cannot be read under a lock; the snapshot just read stands in.
+            None => {
+                let read: hashbrown::HashMap<&str, &Position> =
+                    drivers.iter().map(|p| (p.driver_id.as_str(), p)).collect();
+                self.hub.adopt(self.id, self.generation, &drivers, |id| {
+                    read.get(id).map(|p| (*p).clone())
+                })
+            }
+        }
         let now = Instant::now();
         for d in &drivers {
             self.pacer.sent(&d.driver_id, now);
         }
-        message::snapshot(&drivers)
+        Ok(message::snapshot(&drivers))
     }
 
     /// Moves the messages ready now, in order (at most about `max`), into `out`; `Err` once the
@@ -145,13 +160,16 @@ async fn sleep_until(due: Option<Instant>) {
 }
 
 /// The drivers in scope now, in id order.
-fn read_snapshot(tracker: &Tracker, scope: &Scope) -> Vec<Position> {
+async fn read_snapshot(tracker: &Tracker, scope: &Scope) -> Result<Vec<Position>, TrackerError> {
     let mut drivers = match (&scope.area, scope.bounding_box()) {
-        (Area::Drivers(ids), _) => ids.iter().filter_map(|id| tracker.driver(id)).collect(),
-        (_, Some(b)) => tracker.within_box(&b),
+        (Area::Drivers(ids), _) => {
+            let ids: Vec<_> = ids.iter().cloned().collect();
+            tracker.drivers(&ids).await?
+        }
+        (_, Some(b)) => tracker.within_box(&b).await?,
         (_, None) => Vec::new(),
     };
     drivers.retain(|p| scope.admits(p));
     drivers.sort_unstable_by(|a, b| a.driver_id.cmp(&b.driver_id));
-    drivers
+    Ok(drivers)
 }

@@ -1,8 +1,8 @@
 //! The live index: each driver's latest position, and "who is near this point".
 //!
-//! [`MemoryIndex`] is the embedded store. A later Redis store will sit behind the same operations
-//! (`upsert`, `get`, `nearby`, `within_box`, `counts`, `expire`); the API reaches the index only
-//! through [`crate::tracker::Tracker`], so adding one does not touch the handlers.
+//! [`MemoryIndex`] is the embedded store. [`LiveStore`] puts the stores behind the same operations
+//! (`upsert`, `get`, `nearby`, `within_box`, `counts`, `expire`); the API reaches them only through
+//! [`crate::tracker::Tracker`], so a store does not touch the handlers.
 
 mod memory;
 pub mod snapshot;
@@ -10,6 +10,26 @@ pub mod snapshot;
 pub use memory::MemoryIndex;
 
 use crate::domain::{DriverId, Micros, Position, Status, StatusSet};
+
+/// Where the latest positions live: in this process, or shared by every instance.
+pub enum LiveStore {
+    Memory(MemoryIndex),
+}
+
+impl LiveStore {
+    /// The embedded index, if that is the store.
+    pub fn memory(&self) -> Option<&MemoryIndex> {
+        match self {
+            LiveStore::Memory(index) => Some(index),
+        }
+    }
+}
+
+impl From<MemoryIndex> for LiveStore {
+    fn from(index: MemoryIndex) -> LiveStore {
+        LiveStore::Memory(index)
+    }
+}
 
 /// What an upsert did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

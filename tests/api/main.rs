@@ -1,6 +1,7 @@
 //! Black-box tests: each starts the real binary on an ephemeral port and speaks HTTP to it. All in
 //! one test binary so the suite links once.
 
+mod contract;
 mod drivers;
 mod durability;
 mod errors;

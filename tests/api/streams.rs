@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
 
-type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Longest wait for any one message.
 const WAIT: Duration = Duration::from_secs(10);
@@ -30,7 +30,7 @@ fn with_status(mut position: Value, status: &str) -> Value {
     position
 }
 
-async fn connect(s: &Server, path: &str) -> Ws {
+pub(crate) async fn connect(s: &Server, path: &str) -> Ws {
     let (ws, response) = connect_async(format!("ws://{}{path}", s.addr))
         .await
         .unwrap_or_else(|e| panic!("connect {path}: {e}"));
@@ -39,14 +39,14 @@ async fn connect(s: &Server, path: &str) -> Ws {
 }
 
 /// Connects to `/v1/stream?query` and reads the whole snapshot.
-async fn subscribe(s: &Server, query: &str) -> (Ws, Vec<Value>) {
+pub(crate) async fn subscribe(s: &Server, query: &str) -> (Ws, Vec<Value>) {
     let mut ws = connect(s, &format!("/v1/stream?{query}")).await;
     let snapshot = read_snapshot(&mut ws).await;
     (ws, snapshot)
 }
 
 /// The next text message as JSON (pings skipped); panics on anything else or at the deadline.
-async fn next(ws: &mut Ws) -> Value {
+pub(crate) async fn next(ws: &mut Ws) -> Value {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let message = tokio::time::timeout_at(deadline, ws.next())
@@ -65,7 +65,7 @@ async fn next(ws: &mut Ws) -> Value {
 }
 
 /// Every part of a snapshot, as one list of drivers.
-async fn read_snapshot(ws: &mut Ws) -> Vec<Value> {
+pub(crate) async fn read_snapshot(ws: &mut Ws) -> Vec<Value> {
     let mut drivers = Vec::new();
     for part in 0.. {
         let m = next(ws).await;
