@@ -78,6 +78,39 @@ pub struct ServeConfig {
     /// optionally `{s}`, one of a, b, c), or `none` for the plain coordinate grid.
     #[arg(long, env = "FLEET_TILE_URL", default_value = DEFAULT_TILE_URL, value_parser = parse_tile_url)]
     pub tile_url: String,
+
+    #[command(flatten)]
+    pub connections: ConnectionLimits,
+}
+
+/// What one client may hold of the server: limits that keep a slow or hostile client (slow-loris,
+/// connection floods, huge headers, endless bodies) from wedging it.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionLimits {
+    /// Most open connections (streams included); one more is answered 503 and closed.
+    #[arg(long, env = "FLEET_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// A connection must send a complete request head within this time of opening or of its
+    /// previous response; otherwise it is closed (idle keep-alive connections, slow-loris clients).
+    #[arg(long, env = "FLEET_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// A request body must arrive completely within this time (408 otherwise).
+    #[arg(long, env = "FLEET_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
+    /// Largest request head (request line and headers), in bytes; larger is answered 431.
+    #[arg(long, env = "FLEET_MAX_HEADER_BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(1024..=1024 * 1024))]
+    pub max_header_bytes: u32,
+
+    /// PEM certificate chain: serve HTTPS (with --tls-key).
+    #[arg(long, env = "FLEET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FLEET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// OpenStreetMap's standard tiles.

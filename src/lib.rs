@@ -13,6 +13,7 @@ pub mod history;
 pub mod hub;
 pub mod live;
 pub mod metrics;
+pub mod net;
 pub mod server;
 pub mod sim;
 pub mod tracker;

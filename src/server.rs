@@ -8,15 +8,10 @@ use crate::live::MemoryIndex;
 use crate::metrics::Metrics;
 use crate::tracker::Tracker;
 use anyhow::Context;
-use axum::Router;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// Sets up logging on stderr; `RUST_LOG` (`info` by default; `target=level` lists) sets the levels.
 /// A static `Targets` filter rather than `EnvFilter`: the latter tracks every span it might match on
@@ -55,19 +50,24 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let address = listener.local_addr()?;
+    let endpoint = crate::net::Endpoint::new(&config.connections, tracker.metrics())?;
+    api::extract::set_body_timeout(config.connections.body_timeout);
     let shutdown = shutdown_signal(tracker.clone())?;
     spawn_background_jobs(&tracker, config.driver_ttl);
     spawn_durability_jobs(&tracker, &config);
 
     tracing::info!(%address, data_dir = %config.data_dir.display(), driver_ttl = ?config.driver_ttl, "fleettracker started");
-    println!("fleettracker listening on http://{address}");
+    println!(
+        "fleettracker listening on {}://{address}",
+        endpoint.scheme()
+    );
     std::io::stdout().flush().ok();
 
     let app = api::router_with(
         tracker.clone(),
         api::map::MapSettings::new(&config.tile_url),
     );
-    serve_connections(listener, app, shutdown).await;
+    endpoint.serve(listener, app, shutdown).await;
     // WebSocket streams and device connections outlive their requests; draining told them to
     // close: let their close frames go out before the process exits.
     tracker.hub().wait_closed(Duration::from_secs(5)).await;
@@ -188,69 +188,6 @@ async fn close_durability(tracker: &Arc<Tracker>) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "final snapshot failed"),
         Err(e) => tracing::error!(error = %e, "final snapshot panicked"),
-    }
-}
-
-/// Longest a shutdown waits for in-flight requests before closing their connections.
-const DRAIN_LIMIT: Duration = Duration::from_secs(30);
-
-/// Accepts connections and serves HTTP/1.1 on each (with upgrades, for WebSocket) until `shutdown`
-/// resolves, then stops accepting and waits for in-flight requests (at most [`DRAIN_LIMIT`]).
-/// The loop is ours rather than `axum::serve` so that connection settings (timeouts, limits) live
-/// in one visible place.
-async fn serve_connections(
-    listener: TcpListener,
-    app: Router,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    let draining = CancellationToken::new();
-    let connections = TaskTracker::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Typically out of file descriptors: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
-        let connection = http
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
-        let draining = draining.clone();
-        connections.spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                _ = draining.cancelled() => {
-                    // Finish the request in flight, if any, then close.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    draining.cancel();
-    connections.close();
-    if tokio::time::timeout(DRAIN_LIMIT, connections.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("in-flight requests still running after {DRAIN_LIMIT:?}; closing them");
     }
 }
 

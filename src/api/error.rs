@@ -31,6 +31,8 @@ pub enum ApiError {
     /// A store the request needs (the log, history) cannot take it now; retry later.
     #[error("{0}")]
     StoreUnavailable(String),
+    #[error("the request body did not arrive within {0:?}")]
+    RequestTimeout(std::time::Duration),
     #[error("internal error")]
     Internal,
 }
@@ -60,6 +62,7 @@ impl ApiError {
             ApiError::NotReady(_) | ApiError::StoreUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -74,6 +77,7 @@ impl ApiError {
             ApiError::Validation { .. } => "validation_failed",
             ApiError::NotReady(_) => "not_ready",
             ApiError::StoreUnavailable(_) => "store_unavailable",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::Internal => "internal",
         }
     }
@@ -128,6 +132,13 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let mut response = (status, Json(ErrorResponse { error: self.body() })).into_response();
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The client may still be trickling the body: end the connection with the answer.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

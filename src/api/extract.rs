@@ -8,9 +8,24 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use serde::de::DeserializeOwned;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// How long a request body may take to arrive, in milliseconds (`--body-timeout`); process-wide
+/// because it is set once at start-up and read on every body.
+static BODY_TIMEOUT_MS: AtomicU64 = AtomicU64::new(10_000);
+
+/// Sets the body timeout (at start-up).
+pub fn set_body_timeout(timeout: Duration) {
+    BODY_TIMEOUT_MS.store(timeout.as_millis() as u64, Ordering::Relaxed);
+}
+
+fn body_timeout() -> Duration {
+    Duration::from_millis(BODY_TIMEOUT_MS.load(Ordering::Relaxed))
+}
 
 /// A JSON request body decoded as `T`.
 pub struct JsonBody<T>(pub T);
@@ -47,11 +62,51 @@ pub fn json_error(e: serde_json::Error, body: &[u8]) -> ApiError {
     ApiError::MalformedJson(format!("request body is not valid JSON: {syntax}"))
 }
 
+/// Deepest JSON nesting accepted. Our documents are at most a few levels deep; a limit far below
+/// the parser's own keeps unknown fields (which are skipped, not parsed into values) from being a
+/// way to make the server walk arbitrarily deep structures.
+pub const MAX_JSON_DEPTH: usize = 32;
+
+/// Refuses JSON nested deeper than [`MAX_JSON_DEPTH`] with a 400, in one pass over the bytes
+/// (brackets inside strings do not count).
+pub fn check_depth(body: &[u8]) -> Result<(), ApiError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(ApiError::MalformedJson(format!(
+                        "JSON is nested deeper than {MAX_JSON_DEPTH} levels"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Reads the whole body, refusing more than [`MAX_BODY_BYTES`] (checked while reading, so a large
-/// or endless body is cut off without being buffered).
-async fn read_body(req: Request) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+/// or endless body is cut off without being buffered) or a body still arriving after the body
+/// timeout (a client trickling bytes to hold the request open).
+pub async fn read_body(req: Request) -> Result<Bytes, ApiError> {
+    let limit = body_timeout();
+    let read = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES);
+    tokio::time::timeout(limit, read)
         .await
+        .map_err(|_| ApiError::RequestTimeout(limit))?
         .map_err(|e| {
             let too_large = std::error::Error::source(&e)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
@@ -71,6 +126,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             return Err(ApiError::UnsupportedMediaType);
         }
         let bytes = read_body(req).await?;
+        check_depth(&bytes)?;
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| json_error(e, &bytes))
@@ -101,6 +157,23 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
         h
+    }
+
+    #[test]
+    fn nesting_depth_is_limited_outside_strings() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(check_depth(deep(MAX_JSON_DEPTH).as_bytes()).is_ok());
+        assert!(check_depth(deep(MAX_JSON_DEPTH + 1).as_bytes()).is_err());
+        let in_string = format!(r#"{{"a":"{}\"{}"}}"#, "[".repeat(100), "{".repeat(100));
+        assert!(check_depth(in_string.as_bytes()).is_ok());
+        assert!(check_depth(br#"{"a":[{"b":{"c":[1,2]}}]}"#).is_ok());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn depth_check_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = check_depth(&bytes);
+        }
     }
 
     #[test]

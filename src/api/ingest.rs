@@ -125,6 +125,7 @@ async fn run(mut socket: WebSocket, tracker: Arc<Tracker>) {
 /// Checks and applies one message: a batch when it has `locations`, else a single position.
 async fn report(tracker: &Tracker, text: &str) -> Result<IngestAck, ApiError> {
     let received_at = now_micros();
+    super::extract::check_depth(text.as_bytes())?;
     let batch: BatchInput = serde_json::from_str(text).map_err(|e| message_error(e, text))?;
     let (positions, rejected) = if batch.locations.is_some() {
         let checked = check_batch(batch, received_at)?;

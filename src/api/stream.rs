@@ -480,6 +480,7 @@ impl WsStream {
 
 /// A `{"type":"subscribe",...}` message, checked like the query.
 fn subscribe_request(text: &str) -> Result<StreamRequest, ApiError> {
+    super::extract::check_depth(text.as_bytes())?;
     let value: Value = serde_json::from_str(text)
         .map_err(|e| ApiError::MalformedJson(format!("message is not valid JSON: {e}")))?;
     let Value::Object(message) = value else {

@@ -7,6 +7,7 @@ mod durability;
 mod errors;
 mod history;
 mod lifecycle;
+mod limits;
 mod locations;
 mod map;
 mod ops;
