@@ -136,8 +136,27 @@ pub async fn post_batch(
     ))
 }
 
+/// Decodes and checks a `POST /v1/locations` body exactly as the endpoint does (depth limit, JSON,
+/// field validation), without applying it: the entry point of the fuzz target and property tests.
+pub fn decode_single(body: &[u8], received_at: Micros) -> Result<Position, ApiError> {
+    super::extract::check_depth(body)?;
+    let input: PositionInput =
+        serde_json::from_slice(body).map_err(|e| super::extract::json_error(e, body))?;
+    validate_position(&input, received_at)
+        .map_err(|errors| ApiError::validation(summary(&errors), errors))
+}
+
+/// Decodes and checks a `POST /v1/locations/batch` body as the endpoint does (see
+/// [`decode_single`]).
+pub fn decode_batch(body: &[u8], received_at: Micros) -> Result<CheckedBatch, ApiError> {
+    super::extract::check_depth(body)?;
+    let input: BatchInput =
+        serde_json::from_slice(body).map_err(|e| super::extract::json_error(e, body))?;
+    check_batch(input, received_at)
+}
+
 /// A batch checked entry by entry (shared with the device WebSocket, `ingest`).
-pub(super) struct CheckedBatch {
+pub struct CheckedBatch {
     pub positions: Vec<Position>,
     pub rejected: Vec<Rejected>,
     /// Every field error, named `locations[i].field`.
@@ -192,4 +211,97 @@ pub(super) fn check_batch(
         rejected,
         errors: all_errors,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! Property tests of request decoding: no input, however broken, makes decoding panic, and
+    //! whatever is accepted is a valid position.
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const NOW: Micros = 1_790_000_000_000_000;
+
+    /// Arbitrary JSON values, nested a little, with the field names our inputs use.
+    fn any_json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(|f| json!(f)),
+            any::<i64>().prop_map(serde_json::Value::from),
+            ".{0,40}".prop_map(serde_json::Value::from),
+            Just(json!("2026-11-22T10:00:00Z")),
+            Just(json!("online")),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            let key = prop_oneof![
+                Just("driver_id".to_string()),
+                Just("latitude".to_string()),
+                Just("longitude".to_string()),
+                Just("timestamp".to_string()),
+                Just("status".to_string()),
+                Just("speed_mps".to_string()),
+                Just("heading_deg".to_string()),
+                Just("accuracy_m".to_string()),
+                Just("locations".to_string()),
+                ".{0,8}",
+            ];
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                prop::collection::btree_map(key, inner, 0..8)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn assert_valid(p: &Position) {
+        assert!((-90_000_000..=90_000_000).contains(&p.lat_e6));
+        assert!((-180_000_000..=180_000_000).contains(&p.lon_e6));
+        assert!(!p.driver_id.is_empty());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_single(&body, NOW);
+            let _ = decode_batch(&body, NOW);
+        }
+
+        #[test]
+        fn arbitrary_json_is_decoded_or_refused_with_a_4xx(value in any_json()) {
+            let body = serde_json::to_vec(&value).unwrap();
+            match decode_single(&body, NOW) {
+                Ok(p) => assert_valid(&p),
+                Err(e) => prop_assert!(e.status().is_client_error(), "{e:?}"),
+            }
+            let batch = serde_json::to_vec(&json!({"locations": [value]})).unwrap();
+            match decode_batch(&batch, NOW) {
+                Ok(checked) => checked.positions.iter().for_each(assert_valid),
+                Err(e) => prop_assert!(e.status().is_client_error(), "{e:?}"),
+            }
+        }
+
+        #[test]
+        fn near_valid_positions_are_decoded_or_refused(
+            id in "[a-zA-Z0-9_-]{0,70}",
+            lat in prop_oneof![-100.0f64..100.0, any::<f64>()],
+            lon in prop_oneof![-200.0f64..200.0, any::<f64>()],
+            status in prop_oneof![Just("online".to_string()), Just("busy".to_string()), ".{0,8}"],
+            speed in proptest::option::of(any::<f64>()),
+        ) {
+            let body = json!({"driver_id": id, "latitude": lat, "longitude": lon,
+                              "status": status, "speed_mps": speed});
+            let bytes = serde_json::to_vec(&body).unwrap();
+            match decode_single(&bytes, NOW) {
+                Ok(p) => {
+                    assert_valid(&p);
+                    prop_assert_eq!(p.driver_id.as_str(), id.as_str());
+                }
+                Err(e) => prop_assert!(e.status().is_client_error()),
+            }
+        }
+    }
 }
