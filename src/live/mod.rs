@@ -5,6 +5,7 @@
 //! through [`crate::tracker::Tracker`], so adding one does not touch the handlers.
 
 mod memory;
+pub mod redis;
 pub mod snapshot;
 
 pub use memory::MemoryIndex;
