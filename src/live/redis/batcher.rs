@@ -25,17 +25,19 @@ pub const CHUNK: usize = 256;
 /// Positions taken from the queue for one flush.
 pub const MAX_FLUSH: usize = 16 * CHUNK;
 
+/// Where one request's results go.
+pub type Reply = oneshot::Sender<Result<Vec<Upsert>, RedisLiveError>>;
+
 /// One request's positions and where its results go.
 pub struct Job {
     pub positions: Vec<Position>,
-    pub done: oneshot::Sender<Result<Vec<Upsert>, RedisLiveError>>,
+    pub done: Reply,
 }
 
 /// The batcher task: runs until every [`super::RedisLive`] handle is dropped.
 pub async fn run(shared: Arc<Shared>, mut queue: mpsc::UnboundedReceiver<Job>) {
     let mut batch: Vec<Position> = Vec::new();
-    let mut waiters: Vec<(usize, oneshot::Sender<Result<Vec<Upsert>, RedisLiveError>>)> =
-        Vec::new();
+    let mut waiters: Vec<(usize, Reply)> = Vec::new();
     while let Some(first) = queue.recv().await {
         let mut job = Some(first);
         while let Some(Job {

@@ -45,7 +45,7 @@ fn name(row: u32, col: u32, precision: u32) -> String {
     let (mut lat_left, mut lon_left) = (lat_bits, lon_bits);
     let mut acc = 0usize;
     for i in 0..5 * precision {
-        let bit = if i % 2 == 0 {
+        let bit = if i.is_multiple_of(2) {
             lon_left -= 1;
             (col >> lon_left) & 1
         } else {
@@ -78,7 +78,7 @@ pub fn bounds(hash: &str) -> Option<(f64, f64, f64, f64)> {
         let v = BASE32.iter().position(|&b| b == c)? as u64;
         for k in (0..5).rev() {
             let bit = (v >> k) & 1;
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 col = col << 1 | bit;
             } else {
                 row = row << 1 | bit;

@@ -146,12 +146,21 @@ pub(super) async fn nearby(
     q: &NearbyQuery,
 ) -> Result<Vec<NearbyHit>, RedisLiveError> {
     let limit = q.limit.max(1);
-    if q.statuses.is_empty() || !(q.radius_m >= 0.0) {
+    if q.statuses.is_empty() || q.radius_m.is_nan() || q.radius_m < 0.0 {
         return Ok(Vec::new());
     }
-    let areas = shared
-        .areas_for(circle_box(q.lat_e6, q.lon_e6, q.radius_m))
-        .await?;
+    let bounds = circle_box(q.lat_e6, q.lon_e6, q.radius_m);
+    let areas = shared.areas_for(bounds).await?;
+    // Redis does not search across the antimeridian: the part of the circle beyond it is read
+    // as a box (all of it, so it never limits what is certain).
+    let beyond = (bounds.west > bounds.east).then(|| {
+        let (s, n) = (bounds.south as f64 / 1e6, bounds.north as f64 / 1e6);
+        if q.lon_e6 >= 0 {
+            (s, -180.0, n, bounds.east as f64 / 1e6)
+        } else {
+            (s, bounds.west as f64 / 1e6, n, 180.0)
+        }
+    });
     let lat = (q.lat_e6 as f64 / 1e6).clamp(-GEO_MAX_LAT, GEO_MAX_LAT);
     let lon = q.lon_e6 as f64 / 1e6;
     let redis_radius = q.radius_m * (REDIS_EARTH_RADIUS_M / EARTH_RADIUS_M) + MARGIN_M;
@@ -197,6 +206,20 @@ pub(super) async fn nearby(
             if full {
                 let bound = farthest * (EARTH_RADIUS_M / REDIS_EARTH_RADIUS_M) - MARGIN_M;
                 certain = certain.min(bound);
+            }
+        }
+        if let Some((s, w, n, e)) = beyond {
+            let replies = per_area(shared, &areas, |area| {
+                box_search(&shared.layout.geo_key(area), s, w, n, e)
+            })
+            .await?;
+            for reply in replies {
+                for member in scripts::array(reply)? {
+                    let id = DriverId::new(scripts::text(&member)?);
+                    if seen.insert(id.clone()) {
+                        ids.push(id);
+                    }
+                }
             }
         }
         let mut hits: Vec<NearbyHit> = shared
