@@ -18,6 +18,12 @@
 //! farthest candidate (converted back, minus the margin) are certain. If fewer than `limit` are
 //! certain, the search repeats with a four times larger `COUNT`. Status filters the GEO set cannot
 //! apply are handled the same way.
+//!
+//! **Edges of the map.** Redis does not search across the antimeridian, so the part of a circle
+//! beyond it is read as a box and boxes are split there. Redis GEO only takes latitudes within
+//! ±85.05112° (Web Mercator): drivers beyond are stored (and `get` answers them exactly) but their
+//! GEO members are clamped to that latitude, so searches within a few hundred km of the poles can
+//! miss them — a known limit of the reference design, irrelevant for road fleets.
 
 use super::{geohash, scripts, RedisLiveError, Shared};
 use crate::domain::{DriverId, Position, Status};
