@@ -5,6 +5,7 @@
 //! [`crate::tracker::Tracker`], so a store does not touch the handlers.
 
 mod memory;
+pub mod redis;
 pub mod snapshot;
 
 pub use memory::MemoryIndex;

@@ -1,0 +1,113 @@
+//! Key layout, and why.
+//!
+//! ```text
+//! standalone                          cluster (hash tag in braces)
+//! drivers:geo                         drivers:geo:{wtw3s}              GEO set: online + busy drivers
+//! drivers:seen:online|busy|offline    drivers:seen:online:{wtw3s} ...  zset: driver → last report (ms)
+//! driver:<id>:meta                    driver:{<id>}:meta               hash: the driver's latest state
+//! -                                   drivers:areas                    set: area cells ever used
+//! ```
+//!
+//! - **GEO set** (`drivers:geo`, the reference design's key): what `GEOSEARCH` answers nearby and
+//!   box queries from. Offline drivers are not in it. Members do not expire by themselves, so the
+//!   expiry sweep removes silent ones.
+//! - **Seen sets**, one per status, scored by the Redis server time of the driver's last applied
+//!   report: the expiry sweep takes their oldest entries (`ZRANGE .. BYSCORE`), and `counts` is
+//!   three `ZCARD`s per area. One set per status instead of a status field keeps both O(log n).
+//! - **Meta hash** `driver:<id>:meta`: `ts` (position timestamp, µs), `lat`/`lon` (micro-degrees,
+//!   exact — GEO coordinates are quantized to about 0.5 m), `status`, `speed`/`heading`/`accuracy`
+//!   (empty when unknown), `seen` (server time of the report, ms) and, in a cluster, `area`. It is
+//!   the truth: `get` reads it, and nearby/box answers are confirmed against it. It expires
+//!   ([`super::META_GRACE`]) a while after the driver TTL so the expiry sweep can still read the
+//!   last position to announce it; readers treat it as gone once `seen` is older than the TTL.
+//! - **Cluster sharding**: the area keys of one geohash-5 cell ([`super::geohash`]) share the hash
+//!   tag `{cell}`, so one cell's drivers live on one node and can be updated by one script, while a
+//!   city's hundreds of cells spread over all the slots and therefore all the masters. The meta
+//!   hash is tagged with the driver id, so drivers spread evenly regardless of where they are.
+//!   `drivers:areas` lists the cells that ever held a driver (for counts, the sweep and very large
+//!   queries); it only grows, by at most the number of inhabited 5 km cells.
+
+use super::geohash;
+use crate::domain::Status;
+use redis::cluster_routing::Slot;
+
+/// Where the keys live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// One server: one GEO set for the world.
+    Standalone,
+    /// A cluster: area keys sharded by geohash cell.
+    Cluster,
+}
+
+/// Key of the area registry (cluster only).
+pub const AREAS_KEY: &str = "drivers:areas";
+
+impl Layout {
+    /// The area cell a position is stored under: empty (the one global area) on a single server.
+    pub fn area_of(self, lat_e6: i32, lon_e6: i32) -> String {
+        match self {
+            Layout::Standalone => String::new(),
+            Layout::Cluster => geohash::encode(lat_e6, lon_e6, geohash::AREA_PRECISION),
+        }
+    }
+
+    pub fn geo_key(self, area: &str) -> String {
+        match self {
+            Layout::Standalone => "drivers:geo".to_string(),
+            Layout::Cluster => format!("drivers:geo:{{{area}}}"),
+        }
+    }
+
+    /// The seen sets of an area, indexed by `Status as usize`.
+    pub fn seen_keys(self, area: &str) -> [String; 3] {
+        Status::ALL.map(|s| match self {
+            Layout::Standalone => format!("drivers:seen:{}", s.as_str()),
+            Layout::Cluster => format!("drivers:seen:{}:{{{area}}}", s.as_str()),
+        })
+    }
+
+    /// The four keys of an area, in the order the scripts take them: GEO set, then the seen sets.
+    pub fn area_keys(self, area: &str) -> [String; 4] {
+        let [online, busy, offline] = self.seen_keys(area);
+        [self.geo_key(area), online, busy, offline]
+    }
+
+    pub fn meta_key(self, driver_id: &str) -> String {
+        match self {
+            Layout::Standalone => format!("driver:{driver_id}:meta"),
+            Layout::Cluster => format!("driver:{{{driver_id}}}:meta"),
+        }
+    }
+
+    /// The hash slot of a key: what commands must be grouped by in a cluster (a script may only
+    /// touch keys of one slot). On a single server everything is one group.
+    pub fn slot(self, key: &str) -> Option<Slot> {
+        match self {
+            Layout::Standalone => None,
+            Layout::Cluster => Some(Slot::for_key(key)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_reference_design() {
+        let s = Layout::Standalone;
+        assert_eq!(s.geo_key(""), "drivers:geo");
+        assert_eq!(s.meta_key("drv-1"), "driver:drv-1:meta");
+        assert_eq!(s.seen_keys("")[1], "drivers:seen:busy");
+        let c = Layout::Cluster;
+        assert_eq!(c.area_of(31_230_400, 121_473_700), "wtw3s");
+        assert_eq!(c.geo_key("wtw3s"), "drivers:geo:{wtw3s}");
+        assert_eq!(c.meta_key("drv-1"), "driver:{drv-1}:meta");
+        assert_eq!(c.seen_keys("wtw3s")[2], "drivers:seen:offline:{wtw3s}");
+        assert_eq!(
+            c.slot("drivers:geo:{wtw3s}"),
+            c.slot("drivers:seen:busy:{wtw3s}")
+        );
+    }
+}

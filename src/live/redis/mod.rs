@@ -1,0 +1,409 @@
+//! The live index in Redis, shared by every instance: `--live-store redis`.
+//!
+//! Same operations and answers as the embedded [`crate::live::MemoryIndex`] (offline drivers are
+//! kept and counted but never searched; an older timestamp never replaces the latest; a driver
+//! vanishes a TTL after its last report), but the state lives in Redis, so a position posted to
+//! one instance is visible to nearby searches and `GET /v1/drivers/{id}` on every other one.
+//!
+//! One concept per file:
+//! - [`keys`]: the key layout (`drivers:geo`, `driver:<id>:meta`, ...) and the cluster sharding;
+//! - [`geohash`]: the area cells keys are sharded by and channels are named after;
+//! - [`scripts`]: the Lua scripts: the compare-and-set, the clock, the sweep;
+//! - [`batcher`]: how concurrent upserts become one script call;
+//! - [`upsert`]: the flush itself, standalone (one atomic script) and cluster (two steps), and
+//!   the cross-instance race the cluster leaves;
+//! - [`search`]: nearby and box queries (GEOSEARCH per area, confirmed against the meta hashes);
+//! - [`expiry`]: the sweep that removes silent drivers from the GEO sets;
+//! - [`feed`]: cross-instance streams over Pub/Sub.
+//!
+//! Every call goes through one multiplexed, reconnecting connection ([`RedisConn`]); errors come
+//! back as [`RedisLiveError`] (a 503 upstream) and are counted in `redis_errors_total{op}`; nothing
+//! here panics or waits longer than the connection's response timeout per command.
+
+mod batcher;
+mod expiry;
+pub mod feed;
+pub mod geohash;
+pub mod keys;
+mod meta;
+mod scripts;
+mod search;
+mod upsert;
+
+#[cfg(test)]
+mod tests;
+
+pub use crate::backend::redis::RedisTarget;
+pub use feed::{AreaFeed, FeedEvent};
+pub use keys::Layout;
+
+use super::{BoxQuery, NearbyHit, NearbyQuery, StatusCounts, Upsert};
+use crate::backend::redis::RedisConn;
+use crate::domain::{DriverId, Position, Status};
+use crate::metrics::Metrics;
+use futures_util::future::join_all;
+use metrics::{Counter, Histogram};
+use parking_lot::Mutex;
+use redis::Value;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// How long a meta hash outlives the driver TTL, so that the expiry sweep can still read the last
+/// position of a driver it removes (to announce it). Readers ignore it after the TTL anyway.
+pub const META_GRACE: Duration = Duration::from_secs(120);
+
+/// What went wrong talking to Redis.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RedisLiveError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected reply from redis: {0}")]
+    Reply(String),
+    #[error("the redis upsert batcher has stopped")]
+    Closed,
+}
+
+/// The operations errors and latencies are labelled with (a fixed set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Upsert,
+    Get,
+    Nearby,
+    Box,
+    Counts,
+    Expire,
+    Publish,
+    Subscribe,
+}
+
+impl Op {
+    pub const ALL: [Op; 8] = [
+        Op::Upsert,
+        Op::Get,
+        Op::Nearby,
+        Op::Box,
+        Op::Counts,
+        Op::Expire,
+        Op::Publish,
+        Op::Subscribe,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Upsert => "upsert",
+            Op::Get => "get",
+            Op::Nearby => "nearby",
+            Op::Box => "box",
+            Op::Counts => "counts",
+            Op::Expire => "expire",
+            Op::Publish => "publish",
+            Op::Subscribe => "subscribe",
+        }
+    }
+}
+
+pub(crate) const ERRORS: &str = "redis_errors_total";
+const GEOADD_LATENCY: &str = "redis_geoadd_latency_seconds";
+const COMMAND_LATENCY: &str = "redis_command_latency_seconds";
+
+/// Handles to the Redis metrics.
+#[derive(Clone)]
+pub(crate) struct RedisMetrics {
+    geoadd: Histogram,
+    latency: Vec<Histogram>,
+    errors: Vec<Counter>,
+}
+
+impl RedisMetrics {
+    pub fn new(metrics: &Metrics) -> RedisMetrics {
+        metrics.describe_histogram(
+            GEOADD_LATENCY,
+            "Round trip of one batched upsert flush to Redis (compare-and-set and GEOADD)",
+        );
+        metrics.describe_histogram(COMMAND_LATENCY, "Round trip of Redis reads, by operation");
+        metrics.describe_counter(ERRORS, "Failed Redis operations, by operation");
+        RedisMetrics {
+            geoadd: metrics.histogram(GEOADD_LATENCY, &[]),
+            latency: Op::ALL
+                .iter()
+                .map(|op| metrics.histogram(COMMAND_LATENCY, &[("op", op.as_str())]))
+                .collect(),
+            errors: Op::ALL
+                .iter()
+                .map(|op| metrics.counter(ERRORS, &[("op", op.as_str())]))
+                .collect(),
+        }
+    }
+
+    pub fn error(&self, op: Op) {
+        self.errors[op as usize].increment(1);
+    }
+
+    /// Records the latency of `op`, or counts its error; passes the result through.
+    fn observe<T>(
+        &self,
+        op: Op,
+        started: Instant,
+        result: Result<T, RedisLiveError>,
+    ) -> Result<T, RedisLiveError> {
+        match &result {
+            Ok(_) => self.latency[op as usize].record(started.elapsed().as_secs_f64()),
+            Err(_) => self.error(op),
+        }
+        result
+    }
+}
+
+/// What the batcher task and the queries share.
+pub(crate) struct Shared {
+    conn: RedisConn,
+    layout: Layout,
+    ttl_ms: u64,
+    keep_ms: u64,
+    metrics: RedisMetrics,
+    /// Cluster: areas this instance knows are in `drivers:areas` (forgotten every
+    /// [`AREA_CACHE_TTL`], so a lost registry fills up again).
+    known_areas: Mutex<(Instant, HashSet<String>)>,
+}
+
+const AREA_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Meta hashes read per script call.
+const READ_CHUNK: usize = 512;
+
+/// The Redis live store. Cheap to clone (clones share the connection and the batcher).
+#[derive(Clone)]
+pub struct RedisLive {
+    shared: Arc<Shared>,
+    queue: mpsc::UnboundedSender<batcher::Job>,
+}
+
+impl RedisLive {
+    /// Connects to Redis (it must be reachable now; later outages are survived) and starts the
+    /// upsert batcher. Drivers expire `driver_ttl` after their last report.
+    pub async fn connect(
+        target: &RedisTarget,
+        driver_ttl: Duration,
+        metrics: &Metrics,
+    ) -> anyhow::Result<RedisLive> {
+        let conn = RedisConn::connect(target).await?;
+        let layout = if target.cluster {
+            Layout::Cluster
+        } else {
+            Layout::Standalone
+        };
+        let ttl_ms = (driver_ttl.as_millis() as u64).max(1);
+        let shared = Arc::new(Shared {
+            conn,
+            layout,
+            ttl_ms,
+            keep_ms: ttl_ms + META_GRACE.as_millis() as u64,
+            metrics: RedisMetrics::new(metrics),
+            known_areas: Mutex::new((Instant::now(), HashSet::new())),
+        });
+        let (queue, jobs) = mpsc::unbounded_channel();
+        tokio::spawn(batcher::run(shared.clone(), jobs));
+        Ok(RedisLive { shared, queue })
+    }
+
+    /// The shared connection (for [`AreaFeed::new`]).
+    pub fn conn(&self) -> RedisConn {
+        self.shared.conn.clone()
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.shared.layout
+    }
+
+    /// Makes each position its driver's latest unless the driver already has a newer one; one
+    /// result per position, in order. Concurrent calls are batched into one script call.
+    pub async fn upsert(&self, positions: &[Position]) -> Result<Vec<Upsert>, RedisLiveError> {
+        if positions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (done, result) = oneshot::channel();
+        let job = batcher::Job {
+            positions: positions.to_vec(),
+            done,
+        };
+        if self.queue.send(job).is_err() {
+            self.shared.metrics.error(Op::Upsert);
+            return Err(RedisLiveError::Closed);
+        }
+        result.await.unwrap_or(Err(RedisLiveError::Closed))
+    }
+
+    /// The driver's latest position (offline included), or `None` once it is past its TTL.
+    pub async fn get(&self, driver_id: &str) -> Result<Option<Position>, RedisLiveError> {
+        let started = Instant::now();
+        let result = self.shared.read(&[DriverId::new(driver_id)], false).await;
+        let result = result.map(|mut v| v.pop().flatten().map(|(_, p)| p));
+        self.shared.metrics.observe(Op::Get, started, result)
+    }
+
+    /// The `limit` nearest live drivers within the radius whose status matches, nearest first
+    /// (ties by id) — the same answer as [`crate::live::MemoryIndex::nearby`].
+    pub async fn nearby(&self, q: &NearbyQuery) -> Result<Vec<NearbyHit>, RedisLiveError> {
+        let started = Instant::now();
+        let result = search::nearby(&self.shared, q).await;
+        self.shared.metrics.observe(Op::Nearby, started, result)
+    }
+
+    /// Every live driver in the box whose status matches (never offline ones), in no particular
+    /// order; boxes across the antimeridian included.
+    pub async fn within_box(&self, q: &BoxQuery) -> Result<Vec<Position>, RedisLiveError> {
+        let started = Instant::now();
+        let result = search::within_box(&self.shared, q).await;
+        self.shared.metrics.observe(Op::Box, started, result)
+    }
+
+    /// Drivers by status across all instances, including silent ones the sweep has not removed yet
+    /// (like the embedded index).
+    pub async fn counts(&self) -> Result<StatusCounts, RedisLiveError> {
+        let started = Instant::now();
+        let result = self.shared.counts().await;
+        self.shared.metrics.observe(Op::Counts, started, result)
+    }
+
+    /// Sweeps drivers silent for a TTL out of the GEO and seen sets; returns the last positions of
+    /// those this call removed (each driver is returned by exactly one of several concurrent
+    /// sweeps, since removal is atomic per area). Safe to run on every instance.
+    pub async fn expire(&self) -> Result<Vec<Position>, RedisLiveError> {
+        let started = Instant::now();
+        let result = expiry::sweep(&self.shared).await;
+        self.shared.metrics.observe(Op::Expire, started, result)
+    }
+
+    /// True when Redis answers a PING now.
+    pub async fn ping(&self) -> bool {
+        self.shared.conn.clone().ping().await
+    }
+}
+
+impl Shared {
+    fn conn(&self) -> RedisConn {
+        self.conn.clone()
+    }
+
+    /// Groups items by the hash slot of `key(item)` (one group on a single server), keeping order
+    /// within a group.
+    fn by_slot<T>(
+        &self,
+        items: impl IntoIterator<Item = T>,
+        key: impl Fn(&T) -> String,
+    ) -> Vec<Vec<T>> {
+        let mut groups: HashMap<Option<redis::cluster_routing::Slot>, Vec<T>> = HashMap::new();
+        for item in items {
+            groups
+                .entry(self.layout.slot(&key(&item)))
+                .or_default()
+                .push(item);
+        }
+        groups.into_values().collect()
+    }
+
+    /// Reads the meta hashes of `ids`: per id `None` when absent (or expired, unless `raw`), else
+    /// whether it is fresh and the position.
+    async fn read(
+        &self,
+        ids: &[DriverId],
+        raw: bool,
+    ) -> Result<Vec<Option<(bool, Position)>>, RedisLiveError> {
+        let mut calls = Vec::new();
+        for group in self.by_slot(0..ids.len(), |&i| self.layout.meta_key(&ids[i])) {
+            for chunk in group.chunks(READ_CHUNK) {
+                let keys: Vec<String> = chunk
+                    .iter()
+                    .map(|&i| self.layout.meta_key(&ids[i]))
+                    .collect();
+                let mut cmd = scripts::evalsha(&scripts::READ, &keys);
+                cmd.arg(self.ttl_ms).arg(if raw { "1" } else { "0" });
+                let mut conn = self.conn();
+                let chunk = chunk.to_vec();
+                calls.push(async move {
+                    let reply = scripts::run(&mut conn, &scripts::READ, &cmd).await?;
+                    Ok::<_, RedisLiveError>((chunk, scripts::array(reply)?))
+                });
+            }
+        }
+        let mut out = vec![None; ids.len()];
+        for result in join_all(calls).await {
+            let (chunk, replies) = result?;
+            if replies.len() != chunk.len() {
+                return Err(RedisLiveError::Reply(
+                    "meta read reply of the wrong length".into(),
+                ));
+            }
+            for (i, v) in chunk.into_iter().zip(&replies) {
+                out[i] = meta::parse(&ids[i], v)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The areas that exist: the global one on a single server, the registry in a cluster.
+    async fn all_areas(&self) -> Result<Vec<String>, RedisLiveError> {
+        match self.layout {
+            Layout::Standalone => Ok(vec![String::new()]),
+            Layout::Cluster => {
+                let areas: Vec<String> = redis::cmd("SMEMBERS")
+                    .arg(keys::AREAS_KEY)
+                    .query_async(&mut self.conn())
+                    .await?;
+                Ok(areas)
+            }
+        }
+    }
+
+    async fn counts(&self) -> Result<StatusCounts, RedisLiveError> {
+        let areas = self.all_areas().await?;
+        let mut calls = Vec::new();
+        for group in self.by_slot(areas, |a| self.layout.geo_key(a)) {
+            let mut pipe = redis::pipe();
+            for area in &group {
+                for key in self.layout.seen_keys(area) {
+                    pipe.cmd("ZCARD").arg(key);
+                }
+            }
+            let mut conn = self.conn();
+            calls.push(async move { pipe.query_async::<Vec<u64>>(&mut conn).await });
+        }
+        let mut counts = StatusCounts::default();
+        for result in join_all(calls).await {
+            for (i, n) in result?.into_iter().enumerate() {
+                match Status::ALL[i % 3] {
+                    Status::Online => counts.online += n,
+                    Status::Busy => counts.busy += n,
+                    Status::Offline => counts.offline += n,
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Registers areas in `drivers:areas` unless this instance did so recently.
+    async fn register_areas(&self, areas: &[&str]) -> Result<(), RedisLiveError> {
+        let new: Vec<String> = {
+            let mut known = self.known_areas.lock();
+            if known.0.elapsed() > AREA_CACHE_TTL {
+                *known = (Instant::now(), HashSet::new());
+            }
+            areas
+                .iter()
+                .filter(|a| !known.1.contains(**a))
+                .map(|a| a.to_string())
+                .collect()
+        };
+        if new.is_empty() {
+            return Ok(());
+        }
+        let _: Value = redis::cmd("SADD")
+            .arg(keys::AREAS_KEY)
+            .arg(&new)
+            .query_async(&mut self.conn())
+            .await?;
+        self.known_areas.lock().1.extend(new);
+        Ok(())
+    }
+}

@@ -1,0 +1,399 @@
+//! Nearby and box queries: `GEOSEARCH` per area finds candidates, the meta hashes confirm them.
+//!
+//! **Candidates.** On one server there is one GEO set; in a cluster, the geohash cells the query
+//! touches (the circle's or box's bounding box, [`geohash::cover`]), each `GEOSEARCH`ed on its own
+//! node concurrently, the results merged. A query touching more than [`MAX_CELLS`] cells (a huge
+//! radius or box) asks the area registry instead and keeps the registered cells that intersect.
+//!
+//! **Confirmation.** Every candidate's meta hash is read (one script call per slot) and the answer is
+//! computed from it, not from the GEO set: the meta hash has the exact coordinates (GEO members
+//! are quantized to about half a metre), the status, the timestamp and the freshness, and it is
+//! right even when a cluster race left a stale GEO member ([`super::upsert`]). The distance is the
+//! same haversine, computed with the same operations, as the embedded index's, so both stores give
+//! identical answers.
+//!
+//! **Nearest first with a limit.** Redis measures on a slightly larger sphere (6,372,797.56 m) and
+//! from quantized points, so the search radius is widened by that ratio plus [`MARGIN_M`], and
+//! `COUNT` is not trusted blindly: when an area returned a full `COUNT`, only hits nearer than its
+//! farthest candidate (converted back, minus the margin) are certain. If fewer than `limit` are
+//! certain, the search repeats with a four times larger `COUNT`. Status filters the GEO set cannot
+//! apply are handled the same way.
+//!
+//! **Edges of the map.** Redis does not search across the antimeridian, so the part of a circle
+//! beyond it is read as a box and boxes are split there. Redis GEO only takes latitudes within
+//! ±85.05112° (Web Mercator): drivers beyond are stored (and `get` answers them exactly) but their
+//! GEO members are clamped to that latitude, so searches within a few hundred km of the poles can
+//! miss them — a known limit of the reference design, irrelevant for road fleets.
+
+use super::{geohash, scripts, RedisLiveError, Shared};
+use crate::domain::{DriverId, Position, Status};
+use crate::geo::{hav_to_meters, meters_to_hav, EARTH_RADIUS_M, RAD_PER_E6};
+use crate::live::{BoxQuery, NearbyHit, NearbyQuery};
+use futures_util::future::join_all;
+use redis::Value;
+use std::collections::HashSet;
+
+/// Redis' Earth radius (`geohash_helper.c`).
+const REDIS_EARTH_RADIUS_M: f64 = 6_372_797.560_856;
+/// Slack for GEO quantization (under half a metre) and float differences.
+const MARGIN_M: f64 = 2.0;
+/// Most cells queried one by one; beyond, the area registry is filtered instead.
+const MAX_CELLS: usize = 400;
+/// Redis' latitude limit for GEO coordinates.
+const GEO_MAX_LAT: f64 = 85.05112;
+/// Boxes larger than this (degrees) read whole areas instead of `GEOSEARCH BYBOX`.
+const HUGE_BOX_DEG: f64 = 60.0;
+
+/// A box in micro-degrees; `west > east` wraps around the antimeridian.
+#[derive(Clone, Copy)]
+struct LatLonBox {
+    south: i32,
+    west: i32,
+    north: i32,
+    east: i32,
+}
+
+impl LatLonBox {
+    fn intersects_cell(&self, cell: &str) -> bool {
+        let Some((s, w, n, e)) = geohash::bounds(cell) else {
+            return false;
+        };
+        if n < self.south as f64 || s > self.north as f64 {
+            return false;
+        }
+        let overlaps = |lo: f64, hi: f64| w <= hi && e >= lo;
+        if self.west <= self.east {
+            overlaps(self.west as f64, self.east as f64)
+        } else {
+            overlaps(self.west as f64, 180e6) || overlaps(-180e6, self.east as f64)
+        }
+    }
+}
+
+/// The bounding box of a circle (conservative), or the whole world's width when it contains a pole.
+fn circle_box(lat_e6: i32, lon_e6: i32, radius_m: f64) -> LatLonBox {
+    let d = radius_m / EARTH_RADIUS_M * 1.001 + 10.0 / EARTH_RADIUS_M;
+    let lat = lat_e6 as f64 * RAD_PER_E6;
+    let (south, north) = (lat - d, lat + d);
+    let to_e6 = |rad: f64| (rad / RAD_PER_E6).clamp(-180e6, 180e6) as i32;
+    let half_pi = std::f64::consts::FRAC_PI_2;
+    let full = |s: f64, n: f64| LatLonBox {
+        south: to_e6(s.max(-half_pi)),
+        west: -180_000_000,
+        north: to_e6(n.min(half_pi)),
+        east: 180_000_000,
+    };
+    if north >= half_pi || south <= -half_pi {
+        return full(south, north);
+    }
+    let ratio = d.sin() / lat.cos();
+    if ratio >= 1.0 {
+        return full(south, north);
+    }
+    let dlon = ratio.asin() / RAD_PER_E6;
+    if dlon >= 180e6 {
+        return full(south, north);
+    }
+    let mut west = lon_e6 as f64 - dlon;
+    let mut east = lon_e6 as f64 + dlon;
+    if west < -180e6 {
+        west += 360e6;
+    }
+    if east > 180e6 {
+        east -= 360e6;
+    }
+    LatLonBox {
+        south: to_e6(south),
+        west: west as i32,
+        north: to_e6(north),
+        east: east as i32,
+    }
+}
+
+impl Shared {
+    /// The areas whose keys may hold drivers inside `b`.
+    async fn areas_for(&self, b: LatLonBox) -> Result<Vec<String>, RedisLiveError> {
+        if self.layout == super::Layout::Standalone {
+            return Ok(vec![String::new()]);
+        }
+        let precision = geohash::AREA_PRECISION;
+        match geohash::cover(b.south, b.west, b.north, b.east, precision, MAX_CELLS) {
+            Some(cells) => Ok(cells),
+            None => Ok(self
+                .all_areas()
+                .await?
+                .into_iter()
+                .filter(|a| b.intersects_cell(a))
+                .collect()),
+        }
+    }
+}
+
+/// Runs one command per area concurrently; returns the replies in order.
+async fn per_area(
+    shared: &Shared,
+    areas: &[String],
+    build: impl Fn(&str) -> redis::Cmd,
+) -> Result<Vec<Value>, RedisLiveError> {
+    let calls = areas.iter().map(|area| {
+        let cmd = build(area);
+        let mut conn = shared.conn();
+        async move { cmd.query_async::<Value>(&mut conn).await }
+    });
+    let mut out = Vec::with_capacity(areas.len());
+    for reply in join_all(calls).await {
+        out.push(reply?);
+    }
+    Ok(out)
+}
+
+pub(super) async fn nearby(
+    shared: &Shared,
+    q: &NearbyQuery,
+) -> Result<Vec<NearbyHit>, RedisLiveError> {
+    let limit = q.limit.max(1);
+    if q.statuses.is_empty() || q.radius_m.is_nan() || q.radius_m < 0.0 {
+        return Ok(Vec::new());
+    }
+    let bounds = circle_box(q.lat_e6, q.lon_e6, q.radius_m);
+    let areas = shared.areas_for(bounds).await?;
+    // Redis does not search across the antimeridian: the part of the circle beyond it is read
+    // as a box (all of it, so it never limits what is certain).
+    let beyond = (bounds.west > bounds.east).then(|| {
+        let (s, n) = (bounds.south as f64 / 1e6, bounds.north as f64 / 1e6);
+        if q.lon_e6 >= 0 {
+            (s, -180.0, n, bounds.east as f64 / 1e6)
+        } else {
+            (s, bounds.west as f64 / 1e6, n, 180.0)
+        }
+    });
+    let lat = (q.lat_e6 as f64 / 1e6).clamp(-GEO_MAX_LAT, GEO_MAX_LAT);
+    let lon = q.lon_e6 as f64 / 1e6;
+    let redis_radius = q.radius_m * (REDIS_EARTH_RADIUS_M / EARTH_RADIUS_M) + MARGIN_M;
+    let exact = Exact::new(q);
+    let mut count = Some(limit * 2 + 16);
+    loop {
+        let replies = per_area(shared, &areas, |area| {
+            let mut cmd = redis::cmd("GEOSEARCH");
+            cmd.arg(shared.layout.geo_key(area))
+                .arg("FROMLONLAT")
+                .arg(lon)
+                .arg(lat)
+                .arg("BYRADIUS")
+                .arg(redis_radius)
+                .arg("m")
+                .arg("ASC");
+            if let Some(count) = count {
+                cmd.arg("COUNT").arg(count);
+            }
+            cmd.arg("WITHDIST");
+            cmd
+        })
+        .await?;
+        // Hits nearer than `certain` are complete; farther ones may miss candidates not returned.
+        let mut certain = f64::INFINITY;
+        let mut ids: Vec<DriverId> = Vec::new();
+        let mut seen: HashSet<DriverId> = HashSet::new();
+        for reply in replies {
+            let items = scripts::array(reply)?;
+            let full = count.is_some_and(|c| items.len() >= c);
+            let mut farthest = 0.0f64;
+            for item in items {
+                let pair = scripts::array(item)?;
+                let (Some(member), Some(dist)) = (pair.first(), pair.get(1)) else {
+                    return Err(RedisLiveError::Reply("GEOSEARCH WITHDIST item".into()));
+                };
+                farthest = farthest.max(scripts::float(dist)?);
+                let id = DriverId::new(scripts::text(member)?);
+                if seen.insert(id.clone()) {
+                    ids.push(id);
+                }
+            }
+            if full {
+                let bound = farthest * (EARTH_RADIUS_M / REDIS_EARTH_RADIUS_M) - MARGIN_M;
+                certain = certain.min(bound);
+            }
+        }
+        if let Some((s, w, n, e)) = beyond {
+            let replies = per_area(shared, &areas, |area| {
+                box_search(&shared.layout.geo_key(area), s, w, n, e)
+            })
+            .await?;
+            for reply in replies {
+                for member in scripts::array(reply)? {
+                    let id = DriverId::new(scripts::text(&member)?);
+                    if seen.insert(id.clone()) {
+                        ids.push(id);
+                    }
+                }
+            }
+        }
+        let mut hits: Vec<NearbyHit> = shared
+            .read(&ids, false)
+            .await?
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, p)| exact.hit(&p))
+            .collect();
+        hits.sort_by(|a, b| {
+            a.distance_m
+                .total_cmp(&b.distance_m)
+                .then_with(|| a.driver_id.cmp(&b.driver_id))
+        });
+        let sure = hits.iter().take_while(|h| h.distance_m < certain).count();
+        if certain.is_infinite() || sure >= limit {
+            hits.truncate(limit);
+            return Ok(hits);
+        }
+        count = match count {
+            Some(c) if c < 1 << 20 => Some(c * 4),
+            _ => None,
+        };
+    }
+}
+
+/// The embedded index's distance test, operation for operation (see `memory::Search`).
+struct Exact {
+    q: NearbyQuery,
+    lon: f64,
+    cos_lat: f64,
+    radius_hav: f64,
+}
+
+impl Exact {
+    fn new(q: &NearbyQuery) -> Exact {
+        let lat = q.lat_e6 as f64 * RAD_PER_E6;
+        Exact {
+            q: *q,
+            lon: q.lon_e6 as f64 * RAD_PER_E6,
+            cos_lat: lat.cos(),
+            radius_hav: meters_to_hav(q.radius_m),
+        }
+    }
+
+    fn hit(&self, p: &Position) -> Option<NearbyHit> {
+        if p.status == Status::Offline || !self.q.statuses.contains(p.status) {
+            return None;
+        }
+        let s_lat = ((p.lat_e6 - self.q.lat_e6) as f64 * RAD_PER_E6 * 0.5).sin();
+        let a = s_lat * s_lat;
+        let lat = p.lat_e6 as f64 * RAD_PER_E6;
+        let s_lon = ((p.lon_e6 as f64 * RAD_PER_E6 - self.lon) * 0.5).sin();
+        let hav = (a + self.cos_lat * lat.cos() * s_lon * s_lon).min(1.0);
+        (hav <= self.radius_hav).then(|| NearbyHit {
+            driver_id: p.driver_id.clone(),
+            lat_e6: p.lat_e6,
+            lon_e6: p.lon_e6,
+            distance_m: hav_to_meters(hav),
+            status: p.status,
+            timestamp: p.timestamp,
+        })
+    }
+}
+
+/// A `GEOSEARCH BYBOX` that covers a non-wrapping box: Redis checks the latitude distance against
+/// half the height and the great-circle distance along the point's parallel against half the
+/// width, so the width is taken at the box's widest parallel (the great circle is never longer
+/// than the parallel's arc). Everything returned is filtered exactly afterwards.
+fn box_search(key: &str, south: f64, west: f64, north: f64, east: f64) -> redis::Cmd {
+    let rad = std::f64::consts::PI / 180.0;
+    let center_lat = ((south + north) / 2.0).clamp(-GEO_MAX_LAT, GEO_MAX_LAT);
+    let center_lon = (west + east) / 2.0;
+    let widest = if south <= 0.0 && north >= 0.0 {
+        0.0
+    } else {
+        south.abs().min(north.abs())
+    };
+    let half_height = REDIS_EARTH_RADIUS_M * (north - south) / 2.0 * rad
+        + (center_lat - (south + north) / 2.0).abs() * rad * REDIS_EARTH_RADIUS_M;
+    let half_width = REDIS_EARTH_RADIUS_M * (widest * rad).cos() * (east - west) / 2.0 * rad;
+    let mut cmd = redis::cmd("GEOSEARCH");
+    cmd.arg(key)
+        .arg("FROMLONLAT")
+        .arg(center_lon)
+        .arg(center_lat)
+        .arg("BYBOX")
+        .arg(2.0 * (half_width + MARGIN_M))
+        .arg(2.0 * (half_height + MARGIN_M))
+        .arg("m");
+    cmd
+}
+
+pub(super) async fn within_box(
+    shared: &Shared,
+    q: &BoxQuery,
+) -> Result<Vec<Position>, RedisLiveError> {
+    if q.statuses.is_empty() || q.south_e6 > q.north_e6 {
+        return Ok(Vec::new());
+    }
+    let b = LatLonBox {
+        south: q.south_e6,
+        west: q.west_e6,
+        north: q.north_e6,
+        east: q.east_e6,
+    };
+    let areas = shared.areas_for(b).await?;
+    let (s, n) = (q.south_e6 as f64 / 1e6, q.north_e6 as f64 / 1e6);
+    let (w, e) = (q.west_e6 as f64 / 1e6, q.east_e6 as f64 / 1e6);
+    let parts: Vec<(f64, f64)> = if w <= e {
+        vec![(w, e)]
+    } else {
+        vec![(w, 180.0), (-180.0, e)]
+    };
+    let width: f64 = parts.iter().map(|(w, e)| e - w).sum();
+    let huge = n - s > HUGE_BOX_DEG || width > HUGE_BOX_DEG;
+    let mut replies = Vec::new();
+    for &(w, e) in if huge { &parts[..1] } else { &parts[..] } {
+        replies.extend(
+            per_area(shared, &areas, |area| {
+                let key = shared.layout.geo_key(area);
+                if huge {
+                    let mut cmd = redis::cmd("ZRANGE");
+                    cmd.arg(key).arg(0).arg(-1);
+                    cmd
+                } else {
+                    box_search(&key, s, w, n, e)
+                }
+            })
+            .await?,
+        );
+    }
+    let mut ids: Vec<DriverId> = Vec::new();
+    let mut seen: HashSet<DriverId> = HashSet::new();
+    for reply in replies {
+        for member in scripts::array(reply)? {
+            let id = DriverId::new(scripts::text(&member)?);
+            if seen.insert(id.clone()) {
+                ids.push(id);
+            }
+        }
+    }
+    Ok(shared
+        .read(&ids, false)
+        .await?
+        .into_iter()
+        .flatten()
+        .map(|(_, p)| p)
+        .filter(|p| {
+            p.status != Status::Offline
+                && q.statuses.contains(p.status)
+                && q.contains(p.lat_e6, p.lon_e6)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn circle_boxes_wrap_and_reach_the_poles() {
+        let b = circle_box(0, 179_990_000, 5_000.0);
+        assert!(b.west > b.east, "wraps");
+        let b = circle_box(89_990_000, 0, 5_000.0);
+        assert_eq!((b.west, b.east), (-180_000_000, 180_000_000));
+        let b = circle_box(31_230_400, 121_473_700, 1_000.0);
+        assert!(b.south < 31_221_400 && b.north > 31_239_400);
+        assert!(b.west < 121_463_200 && b.east > 121_484_200);
+    }
+}

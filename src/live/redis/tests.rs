@@ -1,0 +1,459 @@
+//! Contract tests against real Redis (a standalone server and a 3-master cluster, same bodies),
+//! with the embedded [`MemoryIndex`] as the reference answer.
+
+use super::*;
+use crate::domain::StatusSet;
+use crate::hub::RemovedReason;
+use crate::live::MemoryIndex;
+use fleettracker_testkit::{RedisCluster, RedisServer};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+
+const TTL: Duration = Duration::from_secs(300);
+const T0: i64 = 1_700_000_000_000_000;
+
+fn standalone_target(server: &RedisServer) -> RedisTarget {
+    RedisTarget::parse(&server.url(), false)
+}
+
+fn cluster_target(cluster: &RedisCluster) -> RedisTarget {
+    RedisTarget {
+        urls: cluster.urls(),
+        cluster: true,
+    }
+}
+
+fn pos(id: &str, lat_e6: i32, lon_e6: i32, status: Status, ts: i64) -> Position {
+    Position {
+        driver_id: id.into(),
+        lat_e6,
+        lon_e6,
+        status,
+        timestamp: ts,
+        speed_mps: Some(12.5),
+        heading_deg: None,
+        accuracy_m: Some(3.25),
+    }
+}
+
+/// A fresh, empty store (FLUSHALL, then a new client so no cached area registrations survive).
+async fn fresh(target: &RedisTarget, ttl: Duration) -> RedisLive {
+    let metrics = Metrics::new();
+    let live = RedisLive::connect(target, ttl, &metrics).await.unwrap();
+    let _: Value = redis::cmd("FLUSHALL")
+        .query_async(&mut live.conn())
+        .await
+        .unwrap();
+    RedisLive::connect(target, ttl, &metrics).await.unwrap()
+}
+
+async fn round_trip_and_stale(target: &RedisTarget) {
+    let live = fresh(target, TTL).await;
+    assert_eq!(live.get("nobody").await.unwrap(), None);
+    let p = pos("d1", 31_230_400, 121_473_700, Status::Online, T0 + 10);
+    assert_eq!(
+        live.upsert(std::slice::from_ref(&p)).await.unwrap(),
+        [Upsert::Applied]
+    );
+    assert_eq!(live.get("d1").await.unwrap(), Some(p.clone()));
+    // Older: stale, not applied; equal: applied (like the embedded index).
+    let older = pos("d1", 31_240_000, 121_480_000, Status::Busy, T0 + 5);
+    let equal = Position {
+        speed_mps: None,
+        ..pos("d1", 31_230_401, 121_473_700, Status::Online, T0 + 10)
+    };
+    assert_eq!(
+        live.upsert(&[older, equal.clone()]).await.unwrap(),
+        [Upsert::Stale, Upsert::Applied]
+    );
+    assert_eq!(live.get("d1").await.unwrap(), Some(equal));
+
+    // Two instances racing on one driver: the newest timestamp wins.
+    let other = RedisLive::connect(target, TTL, &Metrics::new())
+        .await
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut timestamps: Vec<i64> = (0..400).map(|i| T0 + 1000 + i).collect();
+    for i in (1..timestamps.len()).rev() {
+        timestamps.swap(i, rng.random_range(0..=i));
+    }
+    let tasks: Vec<_> = timestamps
+        .iter()
+        .enumerate()
+        .map(|(i, &ts)| {
+            let store = if i % 2 == 0 {
+                live.clone()
+            } else {
+                other.clone()
+            };
+            // Jump between cells so cluster area updates move too.
+            let lat = 31_200_000 + (ts % 7) as i32 * 40_000;
+            let p = pos("racer", lat, 121_473_700, Status::Online, ts);
+            tokio::spawn(async move { store.upsert(&[p]).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let max = timestamps.iter().max().copied().unwrap();
+    assert_eq!(live.get("racer").await.unwrap().unwrap().timestamp, max);
+    assert_eq!(other.get("racer").await.unwrap().unwrap().timestamp, max);
+}
+
+async fn offline_is_kept_but_not_searched(target: &RedisTarget) {
+    let live = fresh(target, TTL).await;
+    let on = pos("d2", 31_230_400, 121_473_700, Status::Online, T0);
+    live.upsert(&[on]).await.unwrap();
+    let q = NearbyQuery {
+        lat_e6: 31_230_400,
+        lon_e6: 121_473_700,
+        radius_m: 1000.0,
+        limit: 10,
+        statuses: StatusSet::WORKING,
+    };
+    assert_eq!(live.nearby(&q).await.unwrap().len(), 1);
+    let off = pos("d2", 31_230_500, 121_473_700, Status::Offline, T0 + 1);
+    live.upsert(std::slice::from_ref(&off)).await.unwrap();
+    assert!(live.nearby(&q).await.unwrap().is_empty());
+    let mut all = StatusSet::WORKING;
+    all.insert(Status::Offline);
+    assert!(live
+        .nearby(&NearbyQuery { statuses: all, ..q })
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(live.get("d2").await.unwrap(), Some(off));
+    let counts = live.counts().await.unwrap();
+    assert_eq!((counts.online, counts.busy, counts.offline), (0, 0, 1));
+}
+
+fn statuses(rng: &mut StdRng) -> StatusSet {
+    let mut set = StatusSet::empty();
+    match rng.random_range(0..4) {
+        0 => set.insert(Status::Online),
+        1 => set.insert(Status::Busy),
+        2 => {
+            set.insert(Status::Busy);
+            set.insert(Status::Offline);
+        }
+        _ => set = StatusSet::WORKING,
+    }
+    set
+}
+
+/// Loads the same random city into Redis and a `MemoryIndex`; returns the latter.
+async fn load_city(live: &RedisLive, rng: &mut StdRng) -> MemoryIndex {
+    let memory = MemoryIndex::new(TTL);
+    let mut positions = Vec::new();
+    for i in 0..3000 {
+        let status = Status::from_index(rng.random_range(0..3));
+        let lat = 31_230_000 + rng.random_range(-120_000..120_000);
+        let lon = 121_470_000 + rng.random_range(-150_000..150_000);
+        positions.push(pos(
+            &format!("c{}", i % 2200),
+            lat,
+            lon,
+            status,
+            T0 + rng.random_range(0..1_000_000),
+        ));
+    }
+    // A few drivers on both sides of the antimeridian.
+    for i in 0..40 {
+        let lon = if i % 2 == 0 {
+            179_990_000
+        } else {
+            -179_990_000
+        } + rng.random_range(-9_000..9_000);
+        positions.push(pos(
+            &format!("am{i}"),
+            rng.random_range(-20_000..20_000),
+            lon,
+            Status::Online,
+            T0,
+        ));
+    }
+    for chunk in positions.chunks(700) {
+        let got = live.upsert(chunk).await.unwrap();
+        let now = Instant::now();
+        let want: Vec<Upsert> = chunk.iter().map(|p| memory.upsert(p, now)).collect();
+        assert_eq!(got, want);
+    }
+    memory
+}
+
+async fn queries_match_the_embedded_index(target: &RedisTarget) {
+    let live = fresh(target, TTL).await;
+    let mut rng = StdRng::seed_from_u64(42);
+    let memory = load_city(&live, &mut rng).await;
+    for round in 0..40 {
+        let q = NearbyQuery {
+            lat_e6: 31_230_000 + rng.random_range(-130_000..130_000),
+            lon_e6: 121_470_000 + rng.random_range(-160_000..160_000),
+            radius_m: [100.0, 800.0, 2_500.0, 6_000.0, 20_000.0][round % 5],
+            limit: [1, 5, 20, 100, 500][rng.random_range(0..5)],
+            statuses: statuses(&mut rng),
+        };
+        let want = memory.nearby(&q, Instant::now());
+        let got = live.nearby(&q).await.unwrap();
+        assert_eq!(got, want, "nearby {q:?}");
+    }
+    // A huge radius (cluster: the registry path) and the antimeridian.
+    for (lat, lon, radius) in [
+        (31_000_000, 121_000_000, 3_000_000.0),
+        (0, 180_000_000, 5_000.0),
+    ] {
+        let q = NearbyQuery {
+            lat_e6: lat,
+            lon_e6: lon,
+            radius_m: radius,
+            limit: 30,
+            statuses: StatusSet::WORKING,
+        };
+        assert_eq!(
+            live.nearby(&q).await.unwrap(),
+            memory.nearby(&q, Instant::now())
+        );
+    }
+    let by_id = |mut v: Vec<Position>| {
+        v.sort_by(|a, b| a.driver_id.cmp(&b.driver_id));
+        v
+    };
+    let mut boxes: Vec<BoxQuery> = (0..20)
+        .map(|_| {
+            let south = 31_230_000 + rng.random_range(-140_000..100_000);
+            let west = 121_470_000 + rng.random_range(-170_000..120_000);
+            BoxQuery {
+                south_e6: south,
+                west_e6: west,
+                north_e6: south + rng.random_range(0..100_000),
+                east_e6: west + rng.random_range(0..120_000),
+                statuses: statuses(&mut rng),
+            }
+        })
+        .collect();
+    let world = |south_e6, west_e6, north_e6, east_e6| BoxQuery {
+        south_e6,
+        west_e6,
+        north_e6,
+        east_e6,
+        statuses: StatusSet::WORKING,
+    };
+    boxes.push(world(-10_000, 179_995_000, 10_000, -179_995_000)); // across the antimeridian
+    boxes.push(world(-80_000_000, -180_000_000, 80_000_000, 180_000_000)); // the world
+    boxes.push(world(-1_000_000, 170_000_000, 1_000_000, -170_000_000));
+    for q in boxes {
+        let got = by_id(live.within_box(&q).await.unwrap());
+        let want = by_id(memory.within_box(&q, Instant::now()));
+        assert_eq!(got, want, "box {q:?}");
+    }
+    assert_eq!(live.counts().await.unwrap(), memory.counts());
+}
+
+async fn expiry_removes_silent_drivers_once(target: &RedisTarget) {
+    let ttl = Duration::from_millis(800);
+    let live = fresh(target, ttl).await;
+    let old = vec![
+        pos("e1", 31_230_400, 121_473_700, Status::Online, T0),
+        pos("e2", 31_330_400, 121_373_700, Status::Online, T0),
+        pos("e3", 31_130_400, 121_573_700, Status::Busy, T0),
+        pos("e4", 31_230_400, 121_473_700, Status::Offline, T0),
+    ];
+    live.upsert(&old).await.unwrap();
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    let fresh_one = pos("e5", 31_230_400, 121_473_700, Status::Online, T0);
+    live.upsert(std::slice::from_ref(&fresh_one)).await.unwrap();
+    assert_eq!(live.get("e1").await.unwrap(), None);
+    assert_eq!(live.get("e5").await.unwrap(), Some(fresh_one));
+    let mut removed = live.expire().await.unwrap();
+    removed.sort_by(|a, b| a.driver_id.cmp(&b.driver_id));
+    assert_eq!(removed, old);
+    assert!(live.expire().await.unwrap().is_empty(), "reported once");
+    let counts = live.counts().await.unwrap();
+    assert_eq!((counts.online, counts.busy, counts.offline), (1, 0, 0));
+    let q = NearbyQuery {
+        lat_e6: 31_230_400,
+        lon_e6: 121_473_700,
+        radius_m: 50_000.0,
+        limit: 10,
+        statuses: StatusSet::WORKING,
+    };
+    let hits = live.nearby(&q).await.unwrap();
+    assert_eq!(hits.len(), 1);
+    // The GEO sets hold only the fresh driver now.
+    let mut conn = live.conn();
+    let mut members = 0;
+    for area in live.shared.all_areas().await.unwrap() {
+        let n: u64 = redis::cmd("ZCARD")
+            .arg(live.layout().geo_key(&area))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        members += n;
+    }
+    assert_eq!(members, 1);
+    // An expired driver starts afresh with any timestamp.
+    let back = pos("e1", 31_230_400, 121_473_700, Status::Online, T0 - 5);
+    assert_eq!(live.upsert(&[back]).await.unwrap(), [Upsert::Applied]);
+}
+
+async fn contract(target: &RedisTarget) {
+    round_trip_and_stale(target).await;
+    offline_is_kept_but_not_searched(target).await;
+    queries_match_the_embedded_index(target).await;
+    expiry_removes_silent_drivers_once(target).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_standalone() {
+    let server = RedisServer::start();
+    contract(&standalone_target(&server)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_cluster_and_city_spreads_over_every_node() {
+    let cluster = RedisCluster::start(3);
+    let target = cluster_target(&cluster);
+    contract(&target).await;
+    // One city's area keys land on all three masters.
+    let live = fresh(&target, TTL).await;
+    load_city(&live, &mut StdRng::seed_from_u64(1)).await;
+    for node in &cluster.nodes {
+        let keys = node.cli(&["--scan", "--pattern", "drivers:geo:*"]);
+        assert!(
+            keys.lines().count() >= 5,
+            "node {} holds {keys:?}",
+            node.port()
+        );
+    }
+}
+
+/// Collects what a subscriber receives.
+fn collector() -> (
+    Arc<Mutex<Vec<FeedEvent>>>,
+    impl Fn(FeedEvent) + Send + Sync + 'static,
+) {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = {
+        let got = got.clone();
+        move |e| got.lock().push(e)
+    };
+    (got, sink)
+}
+
+/// Publishes `p` from `feed` until `got` holds it (the subscription may not be active yet).
+async fn publish_until_received(feed: &AreaFeed, p: &Position, got: &Mutex<Vec<FeedEvent>>) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let want = FeedEvent::Position(p.clone());
+    while !got.lock().contains(&want) {
+        assert!(Instant::now() < deadline, "{p:?} never arrived");
+        feed.publish(std::slice::from_ref(p));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn feed_crosses_instances(target: &RedisTarget, b_target: &RedisTarget) {
+    let metrics = Metrics::new();
+    let a = RedisLive::connect(target, TTL, &metrics).await.unwrap();
+    let b = RedisLive::connect(b_target, TTL, &metrics).await.unwrap();
+    let feed_a = AreaFeed::new(a.conn(), 1, &metrics);
+    let shutdown = CancellationToken::new();
+    let (got_a, sink_a) = collector();
+    let (got_b, sink_b) = collector();
+    let sub_a = AreaFeed::spawn_subscriber(target, 1, &metrics, sink_a, shutdown.clone());
+    let sub_b = AreaFeed::spawn_subscriber(b_target, 2, &metrics, sink_b, shutdown.clone());
+    let p = pos("f1", 31_230_400, 121_473_700, Status::Online, T0);
+    // Posted to A: B sees it in nearby, get, and its stream.
+    a.upsert(std::slice::from_ref(&p)).await.unwrap();
+    publish_until_received(&feed_a, &p, &got_b).await;
+    assert_eq!(b.get("f1").await.unwrap(), Some(p.clone()));
+    let q = NearbyQuery {
+        lat_e6: 31_230_000,
+        lon_e6: 121_473_000,
+        radius_m: 500.0,
+        limit: 5,
+        statuses: StatusSet::WORKING,
+    };
+    assert_eq!(b.nearby(&q).await.unwrap()[0].driver_id, "f1");
+    let gone = pos("f1", 31_230_400, 121_473_700, Status::Offline, T0 + 1);
+    feed_a.publish_removed(&[(gone.clone(), RemovedReason::Offline)]);
+    let removed = FeedEvent::Removed {
+        position: gone,
+        reason: RemovedReason::Offline,
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !got_b.lock().contains(&removed) {
+        assert!(Instant::now() < deadline, "removal never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(got_a.lock().is_empty(), "A received its own messages");
+    shutdown.cancel();
+    sub_a.await.unwrap();
+    sub_b.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_standalone_survives_an_outage() {
+    let mut server = RedisServer::start();
+    let target = standalone_target(&server);
+    feed_crosses_instances(&target, &target).await;
+
+    let metrics = Metrics::new();
+    let a = RedisLive::connect(&target, TTL, &metrics).await.unwrap();
+    let feed_a = AreaFeed::new(a.conn(), 1, &metrics);
+    let shutdown = CancellationToken::new();
+    let (got_b, sink_b) = collector();
+    let sub_b = AreaFeed::spawn_subscriber(&target, 2, &metrics, sink_b, shutdown.clone());
+    let p = pos("f2", 31_230_400, 121_473_700, Status::Online, T0);
+    publish_until_received(&feed_a, &p, &got_b).await;
+    server.stop();
+    server.resume();
+    let p2 = pos("f2", 31_230_400, 121_473_700, Status::Busy, T0 + 1);
+    publish_until_received(&feed_a, &p2, &got_b).await;
+    shutdown.cancel();
+    sub_b.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_cluster_broadcasts_across_nodes() {
+    let cluster = RedisCluster::start(3);
+    let target = cluster_target(&cluster);
+    // B's subscriber sits on another node than A's.
+    let mut b_target = target.clone();
+    b_target.urls.reverse();
+    feed_crosses_instances(&target, &b_target).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_fails_fast_and_recovers() {
+    let mut server = RedisServer::start();
+    let target = standalone_target(&server);
+    let live = fresh(&target, TTL).await;
+    let p = pos("o1", 31_230_400, 121_473_700, Status::Online, T0);
+    live.upsert(std::slice::from_ref(&p)).await.unwrap();
+    server.stop();
+    let q = NearbyQuery {
+        lat_e6: 31_230_400,
+        lon_e6: 121_473_700,
+        radius_m: 500.0,
+        limit: 5,
+        statuses: StatusSet::WORKING,
+    };
+    let prompt = Duration::from_secs(5);
+    let up = tokio::time::timeout(prompt, live.upsert(std::slice::from_ref(&p))).await;
+    assert!(matches!(up, Ok(Err(_))), "upsert: {up:?}");
+    let get = tokio::time::timeout(prompt, live.get("o1")).await;
+    assert!(matches!(get, Ok(Err(_))), "get: {get:?}");
+    let near = tokio::time::timeout(prompt, live.nearby(&q)).await;
+    assert!(matches!(near, Ok(Err(_))), "nearby: {near:?}");
+    server.resume();
+    // Redis restarted empty (no persistence): the same RedisLive works again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while live.upsert(std::slice::from_ref(&p)).await.is_err() {
+        assert!(Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(live.get("o1").await.unwrap(), Some(p));
+    assert_eq!(live.nearby(&q).await.unwrap().len(), 1);
+    assert!(live.ping().await);
+}
