@@ -24,6 +24,9 @@ pub enum Command {
     Serve(ServeConfig),
     /// Run virtual drivers that move along a street grid and post positions to a running server.
     Simulate(SimulateConfig),
+    /// Move accepted positions from the Redis Stream into PostgreSQL (`--history-store postgres`);
+    /// run one or more next to the servers. Stops cleanly on SIGINT/SIGTERM.
+    Worker(WorkerConfig),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -113,6 +116,62 @@ pub struct ConnectionLimits {
     pub tls_key: Option<PathBuf>,
 }
 
+/// Where the external engines of the scale-out mode are. Shared by every command that needs them
+/// (`#[command(flatten)]`), so the flags and their environment variables are spelled once.
+#[derive(Debug, Clone, Default, Args)]
+pub struct BackendArgs {
+    /// Redis URL (`redis://host:port[/db]`); with --redis-cluster, a comma-separated list of seed
+    /// nodes.
+    #[arg(long, env = "FLEET_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// The Redis URLs are nodes of a Redis Cluster.
+    #[arg(long, env = "FLEET_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+
+    /// PostgreSQL URL (`postgres://user:password@host:port/database`).
+    #[arg(long, env = "FLEET_POSTGRES_URL")]
+    pub postgres_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerConfig {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+
+    /// Positions written per PostgreSQL transaction (entries read per batch adapt to reach it).
+    #[arg(long, env = "FLEET_BATCH_SIZE", default_value_t = 20_000, value_parser = parse_batch_size)]
+    pub batch_size: usize,
+
+    /// Entries another worker read but left unacknowledged this long are taken over (it crashed).
+    #[arg(long, env = "FLEET_CLAIM_IDLE", default_value = "30s", value_parser = parse_duration)]
+    pub claim_idle: Duration,
+
+    /// History keeps every point for this long.
+    #[arg(long, env = "FLEET_HISTORY_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub history_retention: Duration,
+
+    /// After --history-retention and up to this age, history keeps a simplified track; older is deleted.
+    #[arg(long, env = "FLEET_COLD_RETENTION", default_value = "90d", value_parser = parse_duration)]
+    pub cold_retention: Duration,
+
+    /// Douglas–Peucker tolerance, in metres, of the simplified (cold) tracks.
+    #[arg(long, env = "FLEET_COLD_SIMPLIFY_M", default_value_t = 5.0)]
+    pub cold_simplify_m: f64,
+
+    /// How often this worker runs retention (one worker at a time does it; cheap when nothing is due).
+    #[arg(long, env = "FLEET_RETENTION_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub retention_interval: Duration,
+
+    /// Do not run retention in this worker.
+    #[arg(long, env = "FLEET_NO_RETENTION")]
+    pub no_retention: bool,
+
+    /// Log line format.
+    #[arg(long, env = "FLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
 /// OpenStreetMap's standard tiles.
 pub const DEFAULT_TILE_URL: &str = "https://tile.openstreetmap.org/{z}/{x}/{y}.png";
 
@@ -199,6 +258,13 @@ pub struct SimulateConfig {
     pub quiet: bool,
 }
 
+fn parse_batch_size(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+        _ => Err("expected a number of positions from 1 to 1000000".to_string()),
+    }
+}
+
 /// Parses humantime durations such as `60s`, `2s`, `500ms`, `1h 30m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 60s, 500ms, 2m)"))
@@ -223,6 +289,34 @@ mod tests {
         assert_eq!(c.cold_retention, Duration::from_secs(90 * 86_400));
         assert_eq!(c.cold_simplify_m, 5.0);
         assert_eq!(c.tile_url, DEFAULT_TILE_URL);
+    }
+
+    #[test]
+    fn worker_takes_backend_flags() {
+        let cli = Cli::try_parse_from([
+            "fleettracker",
+            "worker",
+            "--redis-url",
+            "redis://a:1,redis://b:2",
+            "--redis-cluster",
+            "--postgres-url",
+            "postgres://p@h/db",
+            "--batch-size",
+            "500",
+        ])
+        .unwrap();
+        let Command::Worker(c) = cli.command else {
+            panic!("worker expected")
+        };
+        assert_eq!(
+            c.backend.redis_url.as_deref(),
+            Some("redis://a:1,redis://b:2")
+        );
+        assert!(c.backend.redis_cluster);
+        assert_eq!(c.backend.postgres_url.as_deref(), Some("postgres://p@h/db"));
+        assert_eq!(c.batch_size, 500);
+        assert_eq!(c.claim_idle, Duration::from_secs(30));
+        assert!(!c.no_retention);
     }
 
     #[test]

@@ -23,6 +23,10 @@ fn main() -> ExitCode {
                 fleettracker::server::serve(config).await
             }
             Command::Simulate(config) => fleettracker::sim::run(config).await,
+            Command::Worker(config) => {
+                fleettracker::server::init_logging(config.log_format);
+                fleettracker::history::postgres::worker::run(config).await
+            }
         }
     });
     match result {

@@ -65,6 +65,7 @@
 mod chunk;
 pub mod format;
 mod key;
+pub mod postgres;
 mod retention;
 mod store;
 #[cfg(test)]
