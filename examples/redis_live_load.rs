@@ -28,7 +28,7 @@ fn position(n: u64) -> Position {
         driver_id: format!("drv-{driver}").into(),
         lat_e6: 31_100_000 + (n.wrapping_mul(7919) % 250_000) as i32,
         lon_e6: 121_300_000 + (n.wrapping_mul(104_729) % 350_000) as i32,
-        status: if n % 10 == 0 {
+        status: if n.is_multiple_of(10) {
             Status::Busy
         } else {
             Status::Online

@@ -84,6 +84,47 @@ pub struct ServeConfig {
 
     #[command(flatten)]
     pub connections: ConnectionLimits,
+
+    /// Where the latest positions live: `memory` (this process) or `redis` (--redis-url, shared
+    /// by every instance on it).
+    #[arg(long, env = "FLEET_LIVE_STORE", value_enum, default_value_t = LiveStoreKind::Memory)]
+    pub live_store: LiveStoreKind,
+
+    /// Where history lives: `embedded` (the data directory, fed by the log) or `postgres`
+    /// (--postgres-url, fed through a Redis Stream on --redis-url by the history worker).
+    #[arg(long, env = "FLEET_HISTORY_STORE", value_enum, default_value_t = HistoryStoreKind::Embedded)]
+    pub history_store: HistoryStoreKind,
+
+    #[command(flatten)]
+    pub backend: BackendArgs,
+
+    /// Also run the history worker (Redis Stream → PostgreSQL) inside this server.
+    #[arg(long, env = "FLEET_EMBEDDED_WORKER")]
+    pub embedded_worker: bool,
+
+    /// Entries the history stream keeps at most (`XADD MAXLEN ~`); each entry holds the batches
+    /// acknowledged together (one to a few hundred requests). Entries the worker has not written
+    /// to PostgreSQL yet are lost when trimmed: size it for the longest PostgreSQL outage to ride out.
+    #[arg(long, env = "FLEET_STREAM_MAX_LEN", default_value_t = crate::history::postgres::DEFAULT_STREAM_MAX_LEN)]
+    pub stream_max_len: usize,
+}
+
+/// `--live-store`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LiveStoreKind {
+    /// In this process (snapshots and the log make it survive restarts).
+    Memory,
+    /// In Redis: GEO sets and per-driver hashes, shared by every instance.
+    Redis,
+}
+
+/// `--history-store`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HistoryStoreKind {
+    /// In the data directory (fjall), fed by the write-ahead log.
+    Embedded,
+    /// In PostgreSQL, partitioned by day, fed through a Redis Stream.
+    Postgres,
 }
 
 /// What one client may hold of the server: limits that keep a slow or hostile client (slow-loris,

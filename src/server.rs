@@ -2,8 +2,13 @@
 //! gracefully (readiness goes 503, in-flight requests finish, exit 0) on SIGINT or SIGTERM.
 
 use crate::api;
-use crate::config::{FsyncSetting, LogFormat, ServeConfig};
+use crate::backend::redis::{RedisConn, RedisTarget};
+use crate::config::{FsyncSetting, HistoryStoreKind, LiveStoreKind, LogFormat, ServeConfig};
 use crate::durability::{Durability, Retention, FOLLOW_INTERVAL};
+use crate::history::postgres::{
+    run_worker, PgHistory, PositionStream, RetentionSettings, WorkerSettings,
+};
+use crate::live::redis::{AreaFeed, RedisLive};
 use crate::live::MemoryIndex;
 use crate::metrics::Metrics;
 use crate::tracker::Tracker;
@@ -12,6 +17,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 /// Sets up logging on stderr; `RUST_LOG` (`info` by default; `target=level` lists) sets the levels.
 /// A static `Targets` filter rather than `EnvFilter`: the latter tracks every span it might match on
@@ -55,6 +61,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let shutdown = shutdown_signal(tracker.clone())?;
     spawn_background_jobs(&tracker, config.driver_ttl);
     spawn_durability_jobs(&tracker, &config);
+    let scale_out = CancellationToken::new();
+    spawn_scale_out_jobs(&tracker, &config, &scale_out)?;
 
     tracing::info!(%address, data_dir = %config.data_dir.display(), driver_ttl = ?config.driver_ttl, "fleettracker started");
     println!(
@@ -71,20 +79,75 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // WebSocket streams and device connections outlive their requests; draining told them to
     // close: let their close frames go out before the process exits.
     tracker.hub().wait_closed(Duration::from_secs(5)).await;
+    scale_out.cancel();
     close_durability(&tracker).await;
     tracing::info!("fleettracker stopped");
     Ok(())
 }
 
-/// The live index, recovered from the data directory unless durability is off.
+/// The tracker over the configured stores: the live store (recovered from the data directory when
+/// it is in memory and durability is on, or Redis) and history (the embedded log and history, or
+/// PostgreSQL through a Redis Stream).
 async fn open_tracker(config: &ServeConfig) -> anyhow::Result<Tracker> {
+    let metrics = Metrics::new();
     let index = MemoryIndex::new(config.driver_ttl);
-    let FsyncSetting::Log(policy) = config.fsync else {
-        tracing::warn!(
-            "--fsync off: positions are kept in memory only; no log, history or snapshots"
-        );
-        return Ok(Tracker::new(index, None, Metrics::new()));
+    let log_policy = match (config.history_store, config.fsync) {
+        (HistoryStoreKind::Embedded, FsyncSetting::Log(policy)) => Some(policy),
+        (HistoryStoreKind::Embedded, FsyncSetting::Off) => {
+            tracing::warn!(
+                "--fsync off: positions are kept in memory only; no log, history or snapshots"
+            );
+            None
+        }
+        // The Redis Stream is the log: acknowledged means Redis holds it.
+        (HistoryStoreKind::Postgres, _) => None,
     };
+    let (index, durability) = match log_policy {
+        Some(policy) => {
+            let (index, durability) = recover(config, index, policy).await?;
+            (index, Some(Arc::new(durability)))
+        }
+        None => (index, None),
+    };
+    let redis = match (config.live_store, config.history_store) {
+        (LiveStoreKind::Memory, HistoryStoreKind::Embedded) => None,
+        _ => Some(redis_target(config)?),
+    };
+    let mut tracker = match (&redis, config.live_store) {
+        (Some(target), LiveStoreKind::Redis) => {
+            let store = RedisLive::connect(target, config.driver_ttl, &metrics)
+                .await
+                .context("cannot connect the Redis live store")?;
+            let feed = AreaFeed::new(store.conn(), instance_id(), &metrics);
+            Tracker::new(store, durability, metrics.clone()).with_area_feed(feed)
+        }
+        _ => Tracker::new(index, durability, metrics.clone()),
+    };
+    if let (Some(target), HistoryStoreKind::Postgres) = (&redis, config.history_store) {
+        let url = postgres_url(config)?;
+        let conn = RedisConn::connect(target)
+            .await
+            .context("cannot connect to Redis for the history stream")?;
+        let stream = PositionStream::new(conn, config.stream_max_len, &metrics);
+        let pg = PgHistory::connect(&url)
+            .await
+            .context("cannot connect the PostgreSQL history")?;
+        tracker = tracker.with_postgres_history(stream, Arc::new(pg));
+    }
+    if config.live_store == LiveStoreKind::Memory
+        && config.history_store == HistoryStoreKind::Postgres
+    {
+        tracing::warn!("--live-store memory with --history-store postgres: the live state is not kept across restarts (use --live-store redis)");
+    }
+    Ok(tracker)
+}
+
+/// Loads the newest snapshot and replays the log after it.
+async fn recover(
+    config: &ServeConfig,
+    index: MemoryIndex,
+    policy: crate::wal::FsyncPolicy,
+) -> anyhow::Result<(MemoryIndex, Durability)> {
     let data_dir = config.data_dir.clone();
     let (index, durability, recovered) = tokio::task::spawn_blocking(move || {
         Durability::open(&data_dir, policy, &index).map(|(d, r)| (index, d, r))
@@ -99,11 +162,69 @@ async fn open_tracker(config: &ServeConfig) -> anyhow::Result<Tracker> {
         took = ?recovered.took,
         "recovered from the data directory"
     );
-    Ok(Tracker::new(
-        index,
-        Some(Arc::new(durability)),
-        Metrics::new(),
-    ))
+    Ok((index, durability))
+}
+
+fn redis_target(config: &ServeConfig) -> anyhow::Result<RedisTarget> {
+    let urls = config.backend.redis_url.as_deref().context(
+        "--redis-url (FLEET_REDIS_URL) is required with --live-store redis or --history-store postgres",
+    )?;
+    let target = RedisTarget::parse(urls, config.backend.redis_cluster);
+    anyhow::ensure!(!target.urls.is_empty(), "--redis-url is empty");
+    Ok(target)
+}
+
+fn postgres_url(config: &ServeConfig) -> anyhow::Result<String> {
+    config
+        .backend
+        .postgres_url
+        .clone()
+        .context("--postgres-url (FLEET_POSTGRES_URL) is required with --history-store postgres")
+}
+
+/// This process's id among the instances sharing Redis (its own feed messages are skipped).
+fn instance_id() -> u64 {
+    rand::random()
+}
+
+/// The scale-out jobs: the feed subscriber (other instances' positions to this one's streams) and,
+/// with --embedded-worker, the history worker.
+fn spawn_scale_out_jobs(
+    tracker: &Arc<Tracker>,
+    config: &ServeConfig,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    if let Some(feed) = tracker.area_feed() {
+        let target = redis_target(config)?;
+        let relay = tracker.clone();
+        AreaFeed::spawn_subscriber(
+            &target,
+            feed.instance_id(),
+            tracker.metrics(),
+            move |event| relay.relay(event),
+            stop.clone(),
+        );
+    }
+    if config.embedded_worker {
+        anyhow::ensure!(
+            config.history_store == HistoryStoreKind::Postgres,
+            "--embedded-worker needs --history-store postgres"
+        );
+        let mut settings = WorkerSettings::new(redis_target(config)?, postgres_url(config)?);
+        settings.retention = Some(RetentionSettings {
+            hot: config.history_retention,
+            cold: config.cold_retention,
+            cold_simplify_m: config.cold_simplify_m,
+            every: RETENTION_INTERVAL,
+        });
+        let (metrics, stop) = (tracker.metrics().clone(), stop.clone());
+        tokio::spawn(async move {
+            if let Err(e) = run_worker(settings, metrics, stop).await {
+                tracing::error!(error = %format!("{e:#}"), "the embedded history worker stopped");
+            }
+        });
+    }
+    Ok(())
 }
 
 /// Runs `job` on the blocking pool every `every`, logging failures (they are retried next time).
@@ -141,11 +262,11 @@ fn spawn_durability_jobs(tracker: &Arc<Tracker>, config: &ServeConfig) {
         d.follow_once().map(|_| ())
     });
     let (d, t) = (durability.clone(), tracker.clone());
+    let empty = MemoryIndex::new(config.driver_ttl);
     every(config.snapshot_interval, "snapshot", move || {
-        let Some(index) = t.memory_index() else {
-            return Ok(());
-        };
-        let info = d.snapshot(index)?;
+        // With a shared live store the snapshot holds no drivers; it still marks what the log
+        // covers, so that old segments can go.
+        let info = d.snapshot(t.memory_index().unwrap_or(&empty))?;
         tracing::debug!(lsn = info.lsn, drivers = info.drivers, "snapshot written");
         Ok(())
     });
@@ -178,9 +299,8 @@ async fn close_durability(tracker: &Arc<Tracker>) {
     let t = tracker.clone();
     let done = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         durability.flush_history()?;
-        if let Some(index) = t.memory_index() {
-            durability.snapshot(index)?;
-        }
+        let empty = MemoryIndex::new(Duration::from_secs(1));
+        durability.snapshot(t.memory_index().unwrap_or(&empty))?;
         Ok(())
     })
     .await;

@@ -8,8 +8,12 @@
 
 use crate::domain::{DriverId, Micros, Position, Status};
 use crate::durability::Durability;
+use crate::history::postgres::{PgHistory, PgHistoryError, PositionStream};
 use crate::history::{HistoryError, TrackPage, TrackQuery};
+use crate::hub::RemovedReason;
 use crate::hub::{Hub, HubConfig};
+use crate::live::redis::feed::{AreaFeed, FeedEvent};
+use crate::live::redis::RedisLiveError;
 use crate::live::{BoxQuery, LiveStore, MemoryIndex, NearbyHit, NearbyQuery, StatusCounts, Upsert};
 use crate::metrics::Metrics;
 use crate::wal::Batch;
@@ -32,10 +36,24 @@ pub enum TrackerError {
     LiveUnavailable(String),
 }
 
+/// History kept in PostgreSQL, fed through a Redis Stream.
+struct PostgresHistory {
+    stream: PositionStream,
+    pg: Arc<PgHistory>,
+}
+
+fn live_error(e: RedisLiveError) -> TrackerError {
+    TrackerError::LiveUnavailable(e.to_string())
+}
+
 /// Shared service state behind every handler.
 pub struct Tracker {
     live: LiveStore,
     durability: Option<Arc<Durability>>,
+    /// History in PostgreSQL: positions go to the Redis Stream the worker drains.
+    postgres: Option<PostgresHistory>,
+    /// Other instances' stream subscribers hear of this instance's positions through it.
+    feed: Option<AreaFeed>,
     metrics: Metrics,
     hub: Arc<Hub>,
     updates_total: AtomicU64,
@@ -52,11 +70,31 @@ impl Tracker {
         Tracker {
             live: live.into(),
             durability,
+            postgres: None,
+            feed: None,
             hub: Arc::new(Hub::new(HubConfig::from_env(), &metrics)),
             metrics,
             updates_total: AtomicU64::new(0),
             ready: AtomicBool::new(true),
         }
+    }
+
+    /// Keeps history in PostgreSQL: accepted positions are acknowledged once the Redis Stream
+    /// holds them; tracks are read from PostgreSQL.
+    pub fn with_postgres_history(mut self, stream: PositionStream, pg: Arc<PgHistory>) -> Tracker {
+        self.postgres = Some(PostgresHistory { stream, pg });
+        self
+    }
+
+    /// Publishes applied positions and removals to the other instances.
+    pub fn with_area_feed(mut self, feed: AreaFeed) -> Tracker {
+        self.feed = Some(feed);
+        self
+    }
+
+    /// The feed to the other instances, when the live store is shared.
+    pub fn area_feed(&self) -> Option<&AreaFeed> {
+        self.feed.as_ref()
     }
 
     /// An in-memory tracker (no log, no history).
@@ -107,18 +145,26 @@ impl Tracker {
                 .await
                 .map_err(|e| TrackerError::LogUnavailable(e.to_string()))?;
         }
+        if let Some(postgres) = &self.postgres {
+            postgres
+                .stream
+                .append(&batch)
+                .await
+                .map_err(|e| TrackerError::LogUnavailable(format!("history stream: {e}")))?;
+        }
         self.metrics.record_store_write(started.elapsed());
         for status in Status::ALL {
             self.metrics
                 .count_updates(status, by_status[status as usize]);
         }
         self.updates_total.fetch_add(count, Ordering::Relaxed);
-        self.hub.publish(
-            applied
-                .into_iter()
-                .map(|i| &batch.positions[i])
-                .collect::<Vec<_>>(),
-        );
+        let applied: Vec<&Position> = applied.into_iter().map(|i| &batch.positions[i]).collect();
+        if let Some(feed) = &self.feed {
+            if !applied.is_empty() {
+                feed.publish(&applied.iter().map(|p| (*p).clone()).collect::<Vec<_>>());
+            }
+        }
+        self.hub.publish(applied);
         Ok(())
     }
 
@@ -141,6 +187,16 @@ impl Tracker {
                     }
                 }
             }
+            LiveStore::Redis(store) => {
+                let outcomes = store.upsert(positions).await.map_err(live_error)?;
+                applied.extend(
+                    outcomes
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, u)| **u == Upsert::Applied)
+                        .map(|(i, _)| i),
+                );
+            }
         }
         Ok(applied)
     }
@@ -149,6 +205,7 @@ impl Tracker {
     pub async fn driver(&self, id: &str) -> Result<Option<Position>, TrackerError> {
         match &self.live {
             LiveStore::Memory(index) => Ok(index.get(id, Instant::now())),
+            LiveStore::Redis(store) => store.get(id).await.map_err(live_error),
         }
     }
 
@@ -159,12 +216,20 @@ impl Tracker {
                 let now = Instant::now();
                 Ok(ids.iter().filter_map(|id| index.get(id, now)).collect())
             }
+            LiveStore::Redis(store) => {
+                let mut found = Vec::with_capacity(ids.len());
+                for id in ids {
+                    found.extend(store.get(id).await.map_err(live_error)?);
+                }
+                Ok(found)
+            }
         }
     }
 
     pub async fn nearby(&self, q: &NearbyQuery) -> Result<Vec<NearbyHit>, TrackerError> {
         match &self.live {
             LiveStore::Memory(index) => Ok(index.nearby(q, Instant::now())),
+            LiveStore::Redis(store) => store.nearby(q).await.map_err(live_error),
         }
     }
 
@@ -172,11 +237,18 @@ impl Tracker {
     pub async fn within_box(&self, q: &BoxQuery) -> Result<Vec<Position>, TrackerError> {
         match &self.live {
             LiveStore::Memory(index) => Ok(index.within_box(q, Instant::now())),
+            LiveStore::Redis(store) => store.within_box(q).await.map_err(live_error),
         }
     }
 
     /// A page of a driver's history.
     pub async fn track(&self, query: TrackQuery) -> Result<TrackPage, TrackerError> {
+        if let Some(postgres) = &self.postgres {
+            return postgres.pg.track(&query).await.map_err(|e| match e {
+                PgHistoryError::BadCursor => TrackerError::BadCursor(e.to_string()),
+                PgHistoryError::Database(_) => TrackerError::HistoryUnavailable(e.to_string()),
+            });
+        }
         let durability = self
             .durability
             .as_ref()
@@ -194,6 +266,7 @@ impl Tracker {
     pub async fn counts(&self) -> Result<StatusCounts, TrackerError> {
         match &self.live {
             LiveStore::Memory(index) => Ok(index.counts()),
+            LiveStore::Redis(store) => store.counts().await.map_err(live_error),
         }
     }
 
@@ -211,6 +284,48 @@ impl Tracker {
                     .await
                     .map_err(|e| TrackerError::LiveUnavailable(e.to_string()))
             }
+            LiveStore::Redis(store) => {
+                let removed = store.expire().await.map_err(live_error)?;
+                let ids: Vec<DriverId> = removed.iter().map(|p| p.driver_id.clone()).collect();
+                // Removed by this sweep: no longer current anywhere.
+                self.hub.expired(&ids, |_| None);
+                if let Some(feed) = &self.feed {
+                    let events: Vec<_> = removed
+                        .into_iter()
+                        .map(|p| (p, RemovedReason::Expired))
+                        .collect();
+                    feed.publish_removed(&events);
+                }
+                Ok(ids.len())
+            }
+        }
+    }
+
+    /// Hands a position or removal that another instance published to this instance's
+    /// subscribers.
+    pub fn relay(&self, event: FeedEvent) {
+        match event {
+            // An offline position is a removal the hub derives itself.
+            FeedEvent::Position(p)
+            | FeedEvent::Removed {
+                position: p,
+                reason: RemovedReason::Offline,
+            } => self.hub.publish([&p]),
+            FeedEvent::Removed { position, .. } => {
+                self.hub.expired(&[position.driver_id], |_| None)
+            }
+        }
+    }
+
+    /// Ready to serve: not draining, and the shared live store answers.
+    pub async fn check_ready(&self) -> Result<(), String> {
+        if !self.is_ready() {
+            return Err("the service is draining".into());
+        }
+        match &self.live {
+            LiveStore::Memory(_) => Ok(()),
+            LiveStore::Redis(store) if store.ping().await => Ok(()),
+            LiveStore::Redis(_) => Err("the live store (Redis) does not answer".into()),
         }
     }
 

@@ -43,15 +43,14 @@ pub async fn health() -> Json<HealthResponse> {
 #[utoipa::path(get, path = "/ready", tag = "ops",
     responses(
         (status = 200, description = "Ready to serve", body = HealthResponse),
-        (status = 503, description = "Not ready (starting up or shutting down)", body = super::error::ErrorResponse),
+        (status = 503, description = "Not ready (starting up, shutting down, or the shared live store does not answer)", body = super::error::ErrorResponse),
     ))]
 pub async fn ready(State(state): State<AppState>) -> Result<Json<HealthResponse>, ApiError> {
-    if state.tracker.is_ready() {
-        Ok(Json(HealthResponse { status: "ready" }))
-    } else {
-        Err(ApiError::NotReady(
-            "the service is not ready to serve".into(),
-        ))
+    match state.tracker.check_ready().await {
+        Ok(()) => Ok(Json(HealthResponse { status: "ready" })),
+        Err(why) => Err(ApiError::NotReady(format!(
+            "the service is not ready to serve: {why}"
+        ))),
     }
 }
 

@@ -15,6 +15,7 @@ use crate::domain::{DriverId, Micros, Position, Status, StatusSet};
 /// Where the latest positions live: in this process, or shared by every instance.
 pub enum LiveStore {
     Memory(MemoryIndex),
+    Redis(redis::RedisLive),
 }
 
 impl LiveStore {
@@ -22,7 +23,14 @@ impl LiveStore {
     pub fn memory(&self) -> Option<&MemoryIndex> {
         match self {
             LiveStore::Memory(index) => Some(index),
+            LiveStore::Redis(_) => None,
         }
+    }
+}
+
+impl From<redis::RedisLive> for LiveStore {
+    fn from(store: redis::RedisLive) -> LiveStore {
+        LiveStore::Redis(store)
     }
 }
 

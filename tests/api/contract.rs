@@ -11,8 +11,6 @@ use serde_json::{json, Value};
 use std::time::Duration;
 
 /// Which live store a contract test runs against.
-// The Redis variants join the generated tests when the Redis live store lands.
-#[allow(dead_code)]
 #[derive(Clone, Copy, Debug)]
 pub enum Store {
     Memory,
@@ -315,6 +313,12 @@ macro_rules! every_store {
     ($($name:ident),* $(,)?) => {
         mod memory {
             contract!(Memory: $($name),*);
+        }
+        mod redis {
+            contract!(Redis: $($name),*);
+        }
+        mod redis_cluster {
+            contract!(RedisCluster: $($name),*);
         }
     };
 }

@@ -9,7 +9,6 @@ use crate::backend::redis::{RedisConn, RedisTarget};
 use crate::domain::{Micros, Position, Status};
 use crate::history::key::MICROS_PER_DAY;
 use crate::history::{History, TrackPage, TrackQuery};
-use crate::live::StatusCounts;
 use crate::metrics::Metrics;
 use crate::wal::Batch;
 use fleettracker_testkit::{Postgres, RedisCluster, RedisServer};
@@ -79,7 +78,7 @@ impl RunningWorker {
 
     /// A counter's or gauge's value from the Prometheus text.
     fn metric(&self, name: &str) -> f64 {
-        let text = self.metrics.render(StatusCounts::default());
+        let text = self.metrics.render(None);
         text.lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or(0.0)

@@ -121,6 +121,7 @@ type Entry = (Option<RemovedReason>, Position);
 pub struct AreaFeed {
     queue: mpsc::Sender<Vec<Entry>>,
     metrics: RedisMetrics,
+    instance_id: u64,
 }
 
 impl AreaFeed {
@@ -129,7 +130,16 @@ impl AreaFeed {
         let metrics = RedisMetrics::new(metrics);
         let (queue, entries) = mpsc::channel(QUEUE);
         tokio::spawn(publisher(conn, instance_id, metrics.clone(), entries));
-        AreaFeed { queue, metrics }
+        AreaFeed {
+            queue,
+            metrics,
+            instance_id,
+        }
+    }
+
+    /// The id this instance publishes under (its subscriber skips these messages).
+    pub fn instance_id(&self) -> u64 {
+        self.instance_id
     }
 
     fn enqueue(&self, entries: Vec<Entry>) {
