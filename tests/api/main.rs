@@ -11,6 +11,7 @@ mod limits;
 mod locations;
 mod map;
 mod ops;
+mod scaleout;
 mod simulate;
 mod streams;
 mod support;
