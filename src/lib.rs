@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod server;
 pub mod sim;
 pub mod tracker;
+pub mod trust;
 pub mod wal;

@@ -23,6 +23,9 @@ fn main() -> ExitCode {
                 fleettracker::server::serve(config).await
             }
             Command::Simulate(config) => fleettracker::sim::run(config).await,
+            Command::Keys(command) => {
+                fleettracker::trust::cli::run(command, &mut std::io::stdout())
+            }
         }
     });
     match result {

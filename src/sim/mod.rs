@@ -235,7 +235,7 @@ mod tests {
         let argv = ["fleettracker", "simulate"].iter().chain(args);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Simulate(c) => c,
-            Command::Serve(_) => panic!("simulate expected"),
+            Command::Serve(_) | Command::Keys(_) => panic!("simulate expected"),
         }
     }
 
