@@ -188,6 +188,25 @@ impl Verdict {
 }
 
 impl SanityFilters {
+    /// The 422 detail for a rejection, naming the configured limit, e.g. `timestamp` "is more than
+    /// 5m in the future".
+    pub fn field_error(&self, reason: Reason) -> FieldError {
+        let span = |micros: Option<Micros>| {
+            let d = std::time::Duration::from_micros(micros.unwrap_or(0).max(0).unsigned_abs());
+            humantime::format_duration(d).to_string()
+        };
+        let message = match reason {
+            Reason::Future => format!("is more than {} in the future", span(self.max_ahead)),
+            Reason::TooOld => format!("is more than {} old", span(self.max_age)),
+            Reason::ImpossibleSpeed => format!(
+                "implies more than {:.0} km/h since the previous position",
+                self.max_speed_mps.unwrap_or(0.0) * 3.6
+            ),
+            other => other.message().to_string(),
+        };
+        FieldError::new(reason.field(), message)
+    }
+
     /// Judges `new` given the driver's latest stored fix (`previous`, ignored if it belongs to
     /// another driver) and the server clock `now`. Pure and panic-free for any input.
     pub fn check(&self, new: &Position, previous: Option<&Position>, now: Micros) -> Verdict {
@@ -519,6 +538,20 @@ mod tests {
             ]
         );
         assert_eq!(Reason::Future.field_error().field, "timestamp");
+        let f = SanityFilters::default();
+        assert_eq!(
+            f.field_error(Reason::Future).message,
+            "is more than 5m in the future"
+        );
+        assert_eq!(
+            f.field_error(Reason::TooOld).message,
+            "is more than 1day old"
+        );
+        assert_eq!(
+            f.field_error(Reason::ImpossibleSpeed).message,
+            "implies more than 250 km/h since the previous position"
+        );
+        assert_eq!(f.field_error(Reason::NullIsland).field, "latitude");
         assert_eq!(
             serde_json::to_string(&Reason::ImpossibleSpeed).unwrap(),
             r#""impossible_speed""#

@@ -383,8 +383,34 @@ struct KeyFile {
     keys: Vec<ApiKey>,
 }
 
+/// A stored key with its ready-made principal, so authenticating a device bound to thousands of
+/// drivers clones an `Arc`, not the list.
+struct Loaded {
+    key: Arc<ApiKey>,
+    principal: Principal,
+}
+
+impl Loaded {
+    fn new(key: ApiKey) -> (CompactString, Loaded) {
+        let principal = Principal {
+            key_id: key.id.clone(),
+            tenant: key.tenant.clone(),
+            role: key.role,
+            drivers: key.drivers.iter().cloned().collect(),
+            signing_secret: key.signing_secret.as_deref().map(Arc::from),
+        };
+        (
+            key.id.clone(),
+            Loaded {
+                key: Arc::new(key),
+                principal,
+            },
+        )
+    }
+}
+
 struct State {
-    keys: HashMap<CompactString, Arc<ApiKey>>,
+    keys: HashMap<CompactString, Loaded>,
     stamp: Option<Stamp>,
 }
 
@@ -427,10 +453,7 @@ impl KeyStore {
         let stamp = stamp_of(&path).map_err(self.io_err(path.clone()))?;
         let keys = read_file(&path)?;
         let mut state = self.state.write();
-        state.keys = keys
-            .into_iter()
-            .map(|k| (k.id.clone(), Arc::new(k)))
-            .collect();
+        state.keys = keys.into_iter().map(Loaded::new).collect();
         state.stamp = stamp;
         Ok(())
     }
@@ -467,10 +490,7 @@ impl KeyStore {
         write_atomically(&self.dir, &path, &keys)?;
         let stamp = stamp_of(&path).map_err(self.io_err(path.clone()))?;
         let mut state = self.state.write();
-        state.keys = keys
-            .into_iter()
-            .map(|k| (k.id.clone(), Arc::new(k)))
-            .collect();
+        state.keys = keys.into_iter().map(Loaded::new).collect();
         state.stamp = stamp;
         drop(state);
         drop(lock); // releases the advisory lock
@@ -548,6 +568,7 @@ impl KeyStore {
         let mut keys: Vec<&Arc<ApiKey>> = state
             .keys
             .values()
+            .map(|l| &l.key)
             .filter(|k| tenant.is_none_or(|t| k.tenant == t))
             .collect();
         keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
@@ -556,7 +577,7 @@ impl KeyStore {
 
     /// The stored key, if any.
     pub fn get(&self, id: &str) -> Option<Arc<ApiKey>> {
-        self.state.read().keys.get(id).cloned()
+        self.state.read().keys.get(id).map(|l| l.key.clone())
     }
 
     /// Revokes a key (idempotent: revoking a revoked key keeps the first time). Returns the key.
@@ -579,21 +600,16 @@ impl KeyStore {
 
     /// Authenticates a parsed token (for transports that carry the token elsewhere).
     pub fn authenticate_token(&self, token: &Token<'_>) -> Result<Principal, AuthError> {
-        let key = self.get(token.key_id).ok_or(AuthError::UnknownKey)?;
         let hash: [u8; 32] = Sha256::digest(token.secret).into();
-        if !bool::from(hash.ct_eq(&key.secret_sha256)) {
+        let state = self.state.read();
+        let loaded = state.keys.get(token.key_id).ok_or(AuthError::UnknownKey)?;
+        if !bool::from(hash.ct_eq(&loaded.key.secret_sha256)) {
             return Err(AuthError::BadSecret);
         }
-        if key.is_revoked() {
+        if loaded.key.is_revoked() {
             return Err(AuthError::Revoked);
         }
-        Ok(Principal {
-            key_id: key.id.clone(),
-            tenant: key.tenant.clone(),
-            role: key.role,
-            drivers: key.drivers.iter().cloned().collect(),
-            signing_secret: key.signing_secret.as_deref().map(Arc::from),
-        })
+        Ok(loaded.principal.clone())
     }
 }
 
@@ -900,6 +916,23 @@ mod tests {
         assert_eq!(*reopened.get(&key.id).unwrap(), key);
         assert!(!format!("{key:?}").contains(s.signing_secret.as_deref().unwrap()));
         assert!(!dir.path().join(".keys.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_corrupted_file_does_not_wipe_loaded_keys() {
+        let (dir, store) = store();
+        let (_, s) = store
+            .create("acme", Role::Reader, &[], None, false)
+            .unwrap();
+        fs::write(dir.path().join(KEYS_FILE), b"{\"half").unwrap();
+        assert!(store.reload_if_changed().is_err());
+        assert!(store.authenticate(Some(&header(&s.token))).is_ok());
+        assert!(
+            store
+                .create("acme", Role::Reader, &[], None, false)
+                .is_err(),
+            "no overwrite"
+        );
     }
 
     #[test]
