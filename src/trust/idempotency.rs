@@ -438,6 +438,32 @@ mod tests {
     }
 
     #[test]
+    fn racing_first_attempts_run_once() {
+        let cache = IdempotencyCache::default();
+        let t0 = Instant::now();
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (cache, barrier) = (cache.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    match cache.begin("k", "x", fp("{}"), t0) {
+                        Begin::New(g) => {
+                            std::thread::sleep(Duration::from_millis(20));
+                            cache.complete(g, response(202, "{}"), t0);
+                            1
+                        }
+                        Begin::InFlight | Begin::Replay(_) => 0,
+                        Begin::Mismatch => panic!("same body"),
+                    }
+                })
+            })
+            .collect();
+        let ran: u32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(ran, 1);
+    }
+
+    #[test]
     fn dropping_the_guard_frees_the_key() {
         let cache = IdempotencyCache::default();
         let t0 = Instant::now();

@@ -974,6 +974,31 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_writers_in_separate_stores_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores: Vec<Arc<KeyStore>> = (0..2)
+            .map(|_| Arc::new(KeyStore::open(dir.path()).unwrap()))
+            .collect();
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let store = stores[i % 2].clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10 {
+                        store
+                            .create("acme", Role::Reader, &[], None, false)
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let fresh = KeyStore::open(dir.path()).unwrap();
+        assert_eq!(fresh.list(None).len(), 40);
+    }
+
+    #[test]
     fn key_info_never_carries_secrets() {
         let (_dir, store) = store();
         let (key, s) = store

@@ -14,6 +14,17 @@
 //! | [`metrics`] | the counters these blocks feed: rejections, rate limiting, auth failures |
 //! | [`cli`] | `fleettracker keys create|list|revoke` |
 
+//!
+//! # Wiring (for the HTTP layer)
+//!
+//! Per request, in this order: authenticate ([`keys::KeyStore::authenticate`] → 401
+//! `unauthorized`), authorise ([`keys::Principal`] → 403 `forbidden`), verify the signature when
+//! the key has a signing secret ([`signing::verify`] → 401), rate-limit ([`limiter::RateLimiter`]
+//! → 429 `rate_limited` + `Retry-After`), then for keyed POSTs [`idempotency::IdempotencyCache`],
+//! then validation and the sanity filters per position ([`filters::SanityFilters::check`]),
+//! recording anomalies ([`anomalies::AnomalyLog::record`]). Periodically: `reload_if_changed`,
+//! `sweep` of the limiters, the idempotency cache and the anomaly log, `AnomalyLog::persist`.
+
 pub mod anomalies;
 pub mod cli;
 pub mod filters;
