@@ -194,9 +194,27 @@ pub struct Principal {
     pub drivers: Arc<[DriverId]>,
     /// The key's signing secret, for [`super::signing::verify`] when signing is enforced.
     pub signing_secret: Option<Arc<str>>,
+    /// `--allow-open` only: may do everything (see [`Principal::open`]).
+    pub unrestricted: bool,
 }
 
+/// Tenant of requests without a key under `--allow-open`.
+pub const OPEN_TENANT: &str = "default";
+
 impl Principal {
+    /// The caller of a request without a key when the server runs with `--allow-open`
+    /// (development): tenant [`OPEN_TENANT`], may read, write any driver and manage keys.
+    pub fn open() -> Principal {
+        Principal {
+            key_id: CompactString::const_new("open"),
+            tenant: CompactString::const_new(OPEN_TENANT),
+            role: Role::Admin,
+            drivers: Arc::new([]),
+            signing_secret: None,
+            unrestricted: true,
+        }
+    }
+
     /// Queries and streams: readers and admins.
     pub fn can_read(&self) -> bool {
         matches!(self.role, Role::Reader | Role::Admin)
@@ -204,11 +222,12 @@ impl Principal {
 
     /// Writing a position of `driver_id`: a device key bound to that driver.
     pub fn can_write_driver(&self, driver_id: &str) -> bool {
-        self.role == Role::Device
-            && self
-                .drivers
-                .binary_search_by(|d| d.as_str().cmp(driver_id))
-                .is_ok()
+        self.unrestricted
+            || (self.role == Role::Device
+                && self
+                    .drivers
+                    .binary_search_by(|d| d.as_str().cmp(driver_id))
+                    .is_ok())
     }
 
     /// Managing keys (of its own tenant).
@@ -398,6 +417,7 @@ impl Loaded {
             role: key.role,
             drivers: key.drivers.iter().cloned().collect(),
             signing_secret: key.signing_secret.as_deref().map(Arc::from),
+            unrestricted: false,
         };
         (
             key.id.clone(),
@@ -744,6 +764,13 @@ mod tests {
             !unbound.can_write_driver("d1"),
             "empty list binds no driver"
         );
+    }
+
+    #[test]
+    fn the_open_principal_may_do_everything() {
+        let p = Principal::open();
+        assert!(p.can_read() && p.is_admin() && p.can_write_driver("any"));
+        assert_eq!(p.tenant, OPEN_TENANT);
     }
 
     #[test]
