@@ -21,18 +21,28 @@
 //! by [`AnomalyLog::sweep`], which the server runs periodically; queries also never return
 //! anything older than the retention.
 //!
+//! Volume: a device could make every fix an anomaly. Records are capped per tenant and driver at
+//! [`MAX_PER_DRIVER_PER_HOUR`] (a token bucket from [`super::limiter`]); beyond it
+//! [`AnomalyLog::record`] drops the record and says so, so one driver cannot fill the disk
+//! (at most ~130,000 records per driver over 90 days).
+//!
 //! Durability: each record reaches the journal (the OS) before [`AnomalyLog::record`] returns, so
 //! it survives a crash of the process; [`AnomalyLog::persist`] (run periodically and at shutdown)
 //! fsyncs it against power loss.
 
 use super::filters::{Evidence, Reason};
+use super::limiter::{LimitConfig, RateLimiter};
 use crate::domain::{Micros, Position};
+use compact_str::CompactString;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::time::Instant;
 
 /// Default retention of anomaly records: 90 days.
 pub const DEFAULT_RETENTION: Micros = 90 * 86_400 * 1_000_000;
+/// Most anomalies recorded per tenant and driver per hour (also the burst).
+pub const MAX_PER_DRIVER_PER_HOUR: u32 = 60;
 /// Most records one query returns.
 pub const MAX_QUERY_LIMIT: usize = 10_000;
 
@@ -142,6 +152,7 @@ pub struct AnomalyLog {
     by_driver: Keyspace,
     by_time: Keyspace,
     retention: Micros,
+    per_driver: RateLimiter<(CompactString, CompactString)>,
 }
 
 /// Byte order = time order.
@@ -209,13 +220,26 @@ impl AnomalyLog {
             by_driver,
             by_time,
             retention: retention.max(0),
+            per_driver: RateLimiter::new(LimitConfig {
+                rate_per_sec: f64::from(MAX_PER_DRIVER_PER_HOUR) / 3600.0,
+                burst: MAX_PER_DRIVER_PER_HOUR,
+                max_entries: 100_000,
+            }),
         })
     }
 
-    /// Records one anomaly (a short blocking write).
-    pub fn record(&self, anomaly: &Anomaly) -> Result<(), AnomalyError> {
+    /// Records one anomaly (a short blocking write). `Ok(false)`: dropped, the driver is over
+    /// [`MAX_PER_DRIVER_PER_HOUR`].
+    pub fn record(&self, anomaly: &Anomaly) -> Result<bool, AnomalyError> {
         if !valid_part(&anomaly.tenant) || !valid_part(&anomaly.driver_id) {
             return Err(AnomalyError::InvalidKey);
+        }
+        let who = (
+            CompactString::new(&anomaly.tenant),
+            CompactString::new(&anomaly.driver_id),
+        );
+        if self.per_driver.check(&who, 1, Instant::now()).is_err() {
+            return Ok(false);
         }
         let value =
             serde_json::to_vec(anomaly).map_err(|e| AnomalyError::Corrupt(e.to_string()))?;
@@ -232,7 +256,12 @@ impl AnomalyLog {
             value,
         );
         batch.commit()?;
-        Ok(())
+        Ok(true)
+    }
+
+    /// Forgets per-driver cap state that no longer matters; run with the other periodic sweeps.
+    pub fn sweep_caps(&self) {
+        self.per_driver.sweep(Instant::now());
     }
 
     /// Anomalies of `tenant` (one driver's, or all drivers') whose fix timestamp is in
@@ -493,6 +522,28 @@ mod tests {
             .unwrap()
             .is_empty());
         assert_eq!(log.query("zeta", None, 0, NOW, 100, NOW).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn one_driver_cannot_flood_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AnomalyLog::open(dir.path(), DEFAULT_RETENTION).unwrap();
+        for i in 0..MAX_PER_DRIVER_PER_HOUR {
+            assert!(log
+                .record(&anomaly("acme", "d1", NOW + i64::from(i)))
+                .unwrap());
+        }
+        assert!(!log.record(&anomaly("acme", "d1", NOW + 1000)).unwrap());
+        assert!(
+            log.record(&anomaly("acme", "d2", NOW)).unwrap(),
+            "others unaffected"
+        );
+        assert!(log.record(&anomaly("globex", "d1", NOW)).unwrap());
+        let stored = log
+            .query("acme", Some("d1"), 0, NOW + 2000, 1000, NOW)
+            .unwrap();
+        assert_eq!(stored.len(), MAX_PER_DRIVER_PER_HOUR as usize);
+        log.sweep_caps();
     }
 
     #[test]
