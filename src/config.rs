@@ -1,6 +1,9 @@
 //! Every setting, in one place: a command-line flag, an `FLEET_<FLAG>` environment variable, and a
 //! default. `fleettracker <command> --help` prints this file's doc comments.
 
+use crate::trust::filters::{kmh_to_mps, SanityFilters};
+use crate::trust::keys::Role;
+use crate::trust::limiter::LimitConfig;
 use crate::wal::FsyncPolicy;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
@@ -27,6 +30,203 @@ pub enum Command {
     /// Move accepted positions from the Redis Stream into PostgreSQL (`--history-store postgres`);
     /// run one or more next to the servers. Stops cleanly on SIGINT/SIGTERM.
     Worker(WorkerConfig),
+    /// Manage API keys: create (prints the secret once), list, revoke.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print its secret (shown only this once).
+    Create(KeysCreate),
+    /// List keys (never their secrets).
+    List(KeysList),
+    /// Revoke a key; requests with it are refused from then on.
+    Revoke(KeysRevoke),
+}
+
+/// Where the key store lives.
+#[derive(Debug, Clone, Args)]
+pub struct KeyStoreArgs {
+    /// The server's data directory; keys are in `<data-dir>/keys.json`.
+    #[arg(long, env = "FLEET_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeysCreate {
+    /// The tenant (fleet) the key belongs to: 1-64 of a-z 0-9 _ . -
+    #[arg(long)]
+    pub tenant: String,
+    /// admin (manages keys, reads), reader (queries and streams), device (writes positions).
+    #[arg(long, value_enum)]
+    pub role: Role,
+    /// Device keys: a driver id the key may write (repeat for several).
+    #[arg(long = "driver", value_name = "DRIVER_ID")]
+    pub drivers: Vec<String>,
+    /// A label, e.g. the device or the person the key is for.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Device keys: also create a signing secret; requests must then carry `X-Signature`.
+    #[arg(long)]
+    pub signing: bool,
+    #[command(flatten)]
+    pub store: KeyStoreArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeysList {
+    /// Only this tenant's keys.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: KeyStoreArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeysRevoke {
+    /// The key id (the 16 hex digits after `ft_`).
+    pub key_id: String,
+    #[command(flatten)]
+    pub store: KeyStoreArgs,
+}
+
+/// A sanity filter `--no-filter` can switch off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FilterName {
+    /// (0, 0) fixes.
+    NullIsland,
+    /// Timestamps more than --max-ahead in the future.
+    Future,
+    /// Timestamps older than --max-age.
+    TooOld,
+    /// Implied speed above --max-speed, and teleports.
+    Speed,
+    /// Same driver and timestamp as the latest fix (accepted, not stored).
+    Duplicates,
+}
+
+/// Authentication, rate limits and GPS sanity filters (`serve`).
+#[derive(Debug, Clone, Args)]
+pub struct TrustArgs {
+    /// Serve without API keys (development only): requests without a key are let through.
+    #[arg(long, env = "FLEET_ALLOW_OPEN")]
+    pub allow_open: bool,
+
+    /// `GET /metrics` needs a reader or admin key.
+    #[arg(long, env = "FLEET_METRICS_KEY_REQUIRED")]
+    pub metrics_key_required: bool,
+
+    /// Position updates per second per driver for device keys (a number, `/s` optional).
+    #[arg(long, env = "FLEET_DEVICE_RATE", default_value = "5", value_parser = parse_rate)]
+    pub device_rate: f64,
+
+    /// Updates a device key may send at once per driver after an idle period.
+    #[arg(long, env = "FLEET_DEVICE_BURST", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub device_burst: u32,
+
+    /// Requests per second per reader (or admin) key.
+    #[arg(long, env = "FLEET_READER_RATE", default_value = "50", value_parser = parse_rate)]
+    pub reader_rate: f64,
+
+    /// Requests a reader key may send at once after an idle period.
+    #[arg(long, env = "FLEET_READER_BURST", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub reader_burst: u32,
+
+    /// Positions older than this are rejected (`too_old`).
+    #[arg(long, env = "FLEET_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
+    pub max_age: Duration,
+
+    /// Positions further in the future than this are rejected (`future`).
+    #[arg(long, env = "FLEET_MAX_AHEAD", default_value = "5m", value_parser = parse_duration)]
+    pub max_ahead: Duration,
+
+    /// Highest believable speed between consecutive fixes, in km/h (`impossible_speed`).
+    #[arg(long, env = "FLEET_MAX_SPEED", default_value = "250", value_parser = parse_speed_kmh)]
+    pub max_speed: f64,
+
+    /// Switch a sanity filter off (repeatable, or comma-separated): null-island, future, too-old,
+    /// speed, duplicates.
+    #[arg(
+        long = "no-filter",
+        env = "FLEET_NO_FILTER",
+        value_enum,
+        value_delimiter = ','
+    )]
+    pub no_filter: Vec<FilterName>,
+
+    /// Anomalies (impossible speed, teleports) are kept this long for review.
+    #[arg(long, env = "FLEET_ANOMALY_RETENTION", default_value = "90d", value_parser = parse_duration)]
+    pub anomaly_retention: Duration,
+}
+
+impl TrustArgs {
+    fn filter_on(&self, name: FilterName) -> bool {
+        !self.no_filter.contains(&name)
+    }
+
+    /// The sanity filters these flags describe.
+    pub fn sanity_filters(&self) -> SanityFilters {
+        let micros = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        SanityFilters {
+            reject_null_island: self.filter_on(FilterName::NullIsland),
+            max_ahead: self
+                .filter_on(FilterName::Future)
+                .then(|| micros(self.max_ahead)),
+            max_age: self
+                .filter_on(FilterName::TooOld)
+                .then(|| micros(self.max_age)),
+            max_speed_mps: self
+                .filter_on(FilterName::Speed)
+                .then(|| kmh_to_mps(self.max_speed)),
+            duplicates: self.filter_on(FilterName::Duplicates),
+            ..SanityFilters::default()
+        }
+    }
+
+    /// Device buckets: per (key, driver).
+    pub fn device_limits(&self) -> LimitConfig {
+        LimitConfig {
+            rate_per_sec: self.device_rate,
+            burst: self.device_burst,
+            ..LimitConfig::DEVICE_DEFAULT
+        }
+    }
+
+    /// Reader buckets: per key.
+    pub fn reader_limits(&self) -> LimitConfig {
+        LimitConfig {
+            rate_per_sec: self.reader_rate,
+            burst: self.reader_burst,
+            ..LimitConfig::READER_DEFAULT
+        }
+    }
+
+    /// Anomaly retention in microseconds.
+    pub fn anomaly_retention_micros(&self) -> i64 {
+        i64::try_from(self.anomaly_retention.as_micros()).unwrap_or(i64::MAX)
+    }
+}
+
+/// A positive rate per second: `5`, `0.5`, `5/s`.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let number = text.trim().trim_end_matches("/s");
+    match number.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 && r <= 1e9 => Ok(r),
+        _ => Err("expected a positive number per second, such as 5 or 0.5/s".into()),
+    }
+}
+
+/// A positive speed in km/h: `250`, `250km/h`.
+fn parse_speed_kmh(text: &str) -> Result<f64, String> {
+    let number = text.trim().trim_end_matches("km/h");
+    match number.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err("expected a positive speed in km/h, such as 250".into()),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -381,6 +581,65 @@ mod tests {
         assert!(parse_tile_url("https://tiles.example.com/{z}/{x}.png").is_err());
         assert!(parse_tile_url("ftp://tiles.example.com/{z}/{x}/{y}.png").is_err());
         assert!(parse_tile_url("").is_err());
+    }
+
+    #[derive(Debug, Parser)]
+    struct TrustOnly {
+        #[command(flatten)]
+        trust: TrustArgs,
+    }
+
+    fn trust(args: &[&str]) -> Result<TrustArgs, clap::Error> {
+        TrustOnly::try_parse_from(std::iter::once("x").chain(args.iter().copied())).map(|t| t.trust)
+    }
+
+    #[test]
+    fn trust_defaults_match_the_issue() {
+        let t = trust(&[]).unwrap();
+        assert!(!t.allow_open && !t.metrics_key_required);
+        assert_eq!((t.device_rate, t.device_burst), (5.0, 20));
+        assert_eq!((t.reader_rate, t.reader_burst), (50.0, 100));
+        assert_eq!(t.max_age, Duration::from_secs(86_400));
+        assert_eq!(t.max_ahead, Duration::from_secs(300));
+        assert_eq!(t.max_speed, 250.0);
+        assert_eq!(t.anomaly_retention, Duration::from_secs(90 * 86_400));
+        assert_eq!(t.sanity_filters(), SanityFilters::default());
+        assert_eq!(t.device_limits().burst, 20);
+        assert_eq!(t.reader_limits().rate_per_sec, 50.0);
+    }
+
+    #[test]
+    fn trust_flags_switch_filters_and_limits() {
+        let t = trust(&[
+            "--no-filter",
+            "speed",
+            "--no-filter",
+            "null-island,duplicates",
+            "--device-rate",
+            "2/s",
+            "--max-age",
+            "1h",
+            "--allow-open",
+        ])
+        .unwrap();
+        let f = t.sanity_filters();
+        assert_eq!(f.max_speed_mps, None);
+        assert!(!f.reject_null_island && !f.duplicates);
+        assert_eq!(f.max_age, Some(3_600_000_000));
+        assert_eq!(f.max_ahead, Some(300_000_000));
+        assert_eq!(t.device_limits().rate_per_sec, 2.0);
+        assert!(t.allow_open);
+        let f = trust(&["--max-speed", "120"]).unwrap().sanity_filters();
+        assert!((f.max_speed_mps.unwrap() - 33.333).abs() < 0.001);
+        for bad in [
+            &["--device-rate", "0"][..],
+            &["--device-rate", "fast"],
+            &["--device-burst", "0"],
+            &["--max-speed", "-5"],
+            &["--no-filter", "gravity"],
+        ] {
+            assert!(trust(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -17,4 +17,5 @@ pub mod net;
 pub mod server;
 pub mod sim;
 pub mod tracker;
+pub mod trust;
 pub mod wal;

@@ -27,6 +27,9 @@ fn main() -> ExitCode {
                 fleettracker::server::init_logging(config.log_format);
                 fleettracker::history::postgres::worker::run(config).await
             }
+            Command::Keys(command) => {
+                fleettracker::trust::cli::run(command, &mut std::io::stdout())
+            }
         }
     });
     match result {

@@ -6,6 +6,7 @@ mod drivers;
 mod durability;
 mod errors;
 mod history;
+mod keys_cli;
 mod lifecycle;
 mod limits;
 mod locations;
