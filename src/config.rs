@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server (embedded mode: everything in this process, nothing else to install).
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Run virtual drivers that move along a street grid and post positions to a running server.
     Simulate(SimulateConfig),
     /// Move accepted positions from the Redis Stream into PostgreSQL (`--history-store postgres`);
@@ -112,7 +112,8 @@ pub enum FilterName {
 /// Authentication, rate limits and GPS sanity filters (`serve`).
 #[derive(Debug, Clone, Args)]
 pub struct TrustArgs {
-    /// Serve without API keys (development only): requests without a key are let through.
+    /// While no API key exists the server runs in open mode (every request allowed, a warning at
+    /// start-up) and only on a loopback address; this flag allows open mode on any address.
     #[arg(long, env = "FLEET_ALLOW_OPEN")]
     pub allow_open: bool,
 
@@ -297,6 +298,9 @@ pub struct ServeConfig {
 
     #[command(flatten)]
     pub backend: BackendArgs,
+
+    #[command(flatten)]
+    pub trust: TrustArgs,
 
     /// Also run the history worker (Redis Stream → PostgreSQL) inside this server.
     #[arg(long, env = "FLEET_EMBEDDED_WORKER")]

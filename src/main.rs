@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(config) => {
                 fleettracker::server::init_logging(config.log_format);
-                fleettracker::server::serve(config).await
+                fleettracker::server::serve(*config).await
             }
             Command::Simulate(config) => fleettracker::sim::run(config).await,
             Command::Worker(config) => {

@@ -52,6 +52,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let tracker = Arc::new(open_tracker(&config).await?);
+    let trust = Arc::new(open_trust(&config, tracker.metrics())?);
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -60,6 +61,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     api::extract::set_body_timeout(config.connections.body_timeout);
     let shutdown = shutdown_signal(tracker.clone())?;
     spawn_background_jobs(&tracker, config.driver_ttl);
+    spawn_trust_jobs(&trust);
     spawn_durability_jobs(&tracker, &config);
     let scale_out = CancellationToken::new();
     spawn_scale_out_jobs(&tracker, &config, &scale_out)?;
@@ -73,6 +75,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 
     let app = api::router_with(
         tracker.clone(),
+        trust.clone(),
         api::map::MapSettings::new(&config.tile_url),
     );
     endpoint.serve(listener, app, shutdown).await;
@@ -140,6 +143,37 @@ async fn open_tracker(config: &ServeConfig) -> anyhow::Result<Tracker> {
         tracing::warn!("--live-store memory with --history-store postgres: the live state is not kept across restarts (use --live-store redis)");
     }
     Ok(tracker)
+}
+
+/// API keys, limits, filters and the anomaly log; refuses open mode on a public address.
+fn open_trust(config: &ServeConfig, metrics: &Metrics) -> anyhow::Result<api::auth::Trust> {
+    use crate::trust::{anomalies::AnomalyLog, keys::KeyStore};
+    let keys = KeyStore::open(&config.data_dir).context("cannot open the API key store")?;
+    let anomalies = AnomalyLog::open(
+        &config.data_dir.join("anomalies"),
+        config.trust.anomaly_retention_micros(),
+    )
+    .context("cannot open the anomaly log")?;
+    let settings = api::auth::TrustSettings {
+        metrics_key_required: config.trust.metrics_key_required,
+        readers: config.trust.reader_limits(),
+        devices: config.trust.device_limits(),
+        filters: config.trust.sanity_filters(),
+    };
+    let trust = api::auth::Trust::new(keys, anomalies, settings, metrics);
+    if trust.is_open() {
+        anyhow::ensure!(
+            config.listen.ip().is_loopback() || config.trust.allow_open,
+            "no API key exists (open mode: anyone who can reach the port can read and write \
+             everything), and {} is not a loopback address; create a key with \
+             `fleettracker keys create`, or pass --allow-open",
+            config.listen
+        );
+        tracing::warn!(
+            "OPEN MODE: no API key exists, every request is allowed; create one with `fleettracker keys create --tenant <t> --role admin`"
+        );
+    }
+    Ok(trust)
 }
 
 /// Loads the newest snapshot and replays the log after it.
@@ -309,6 +343,21 @@ async fn close_durability(tracker: &Arc<Tracker>) {
         Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "final snapshot failed"),
         Err(e) => tracing::error!(error = %e, "final snapshot panicked"),
     }
+}
+
+/// Reloads the key file and sweeps limiter, idempotency and anomaly state.
+fn spawn_trust_jobs(trust: &Arc<api::auth::Trust>) {
+    let t = trust.clone();
+    every(Duration::from_secs(2), "trust upkeep", move || {
+        t.upkeep();
+        Ok(())
+    });
+    let t = trust.clone();
+    every(Duration::from_secs(600), "anomaly retention", move || {
+        t.anomalies.sweep(crate::domain::now_micros())?;
+        t.anomalies.persist()?;
+        Ok(())
+    });
 }
 
 fn spawn_background_jobs(tracker: &Arc<Tracker>, ttl: Duration) {

@@ -226,11 +226,48 @@ impl Tracker {
         }
     }
 
-    pub async fn nearby(&self, q: &NearbyQuery) -> Result<Vec<NearbyHit>, TrackerError> {
+    /// The latest position of each of `ids` (aligned; `None` when unknown or expired), read in
+    /// one go (one pipeline for Redis): the sanity filters compare new fixes with them.
+    pub async fn latest_of(&self, ids: &[DriverId]) -> Result<Vec<Option<Position>>, TrackerError> {
         match &self.live {
-            LiveStore::Memory(index) => Ok(index.nearby(q, Instant::now())),
-            LiveStore::Redis(store) => store.nearby(q).await.map_err(live_error),
+            LiveStore::Memory(index) => {
+                let now = Instant::now();
+                Ok(ids.iter().map(|id| index.get(id, now)).collect())
+            }
+            LiveStore::Redis(store) => store.get_many(ids).await.map_err(live_error),
         }
+    }
+
+    /// The nearest drivers; with `prefix`, only those whose id starts with it (one tenant's).
+    pub async fn nearby(
+        &self,
+        q: &NearbyQuery,
+        prefix: Option<&str>,
+    ) -> Result<Vec<NearbyHit>, TrackerError> {
+        match &self.live {
+            LiveStore::Memory(index) => Ok(index.nearby_in(q, prefix, Instant::now())),
+            LiveStore::Redis(store) => store.nearby_in(q, prefix).await.map_err(live_error),
+        }
+    }
+
+    /// Live drivers by status among those whose id starts with `prefix` (one tenant's). The
+    /// embedded store counts them in one pass; Redis reads every area's status sets (O(drivers),
+    /// never mixing tenants).
+    pub async fn counts_in(&self, prefix: &str) -> Result<StatusCounts, TrackerError> {
+        let mut counts = StatusCounts::default();
+        match &self.live {
+            LiveStore::Memory(index) => {
+                index.for_each_live(Instant::now(), |p, _| {
+                    if p.driver_id.starts_with(prefix) {
+                        counts.add(p.status, 1);
+                    }
+                });
+            }
+            LiveStore::Redis(store) => {
+                counts = store.counts_in(prefix).await.map_err(live_error)?;
+            }
+        }
+        Ok(counts)
     }
 
     /// Every live driver inside a box (a stream subscriber's snapshot).

@@ -1,9 +1,11 @@
 //! `GET /v1/drivers/nearby` and `GET /v1/drivers/{driver_id}`: what dispatch asks.
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::QueryParams;
 use super::AppState;
 use crate::domain::position::is_valid_driver_id;
+use crate::domain::tenant;
 use crate::domain::{format_rfc3339, FieldError, Status, StatusSet};
 use crate::hub::message::DriverView;
 use crate::live::{NearbyHit, NearbyQuery};
@@ -59,7 +61,7 @@ pub struct NearbyResponse {
 impl From<NearbyHit> for NearbyDriver {
     fn from(h: NearbyHit) -> Self {
         NearbyDriver {
-            driver_id: h.driver_id.into(),
+            driver_id: crate::domain::tenant::external(&h.driver_id).into(),
             latitude: h.lat_e6 as f64 / 1e6,
             longitude: h.lon_e6 as f64 / 1e6,
             distance_m: (h.distance_m * 100.0).round() / 100.0,
@@ -193,12 +195,14 @@ pub fn check_driver_id(driver_id: &str) -> Result<(), ApiError> {
 )]
 pub async fn nearby(
     State(state): State<AppState>,
+    Caller(caller): Caller,
     QueryParams(params): QueryParams<NearbyParams>,
 ) -> Result<Json<NearbyResponse>, ApiError> {
     let query = params.to_query()?;
+    let tenant = tenant::prefix(&caller.tenant);
     let drivers = state
         .tracker
-        .nearby(&query)
+        .nearby(&query, tenant.as_deref())
         .await?
         .into_iter()
         .map(NearbyDriver::from)
@@ -218,12 +222,13 @@ pub async fn nearby(
 )]
 pub async fn get_driver(
     State(state): State<AppState>,
+    Caller(caller): Caller,
     Path(driver_id): Path<String>,
 ) -> Result<Response, ApiError> {
     check_driver_id(&driver_id)?;
     state
         .tracker
-        .driver(&driver_id)
+        .driver(&tenant::internal(&caller.tenant, &driver_id))
         .await?
         .map(|p| Json(DriverView::from(&p)).into_response())
         .ok_or_else(|| {

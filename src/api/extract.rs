@@ -102,8 +102,13 @@ pub fn check_depth(body: &[u8]) -> Result<(), ApiError> {
 /// or endless body is cut off without being buffered) or a body still arriving after the body
 /// timeout (a client trickling bytes to hold the request open).
 pub async fn read_body(req: Request) -> Result<Bytes, ApiError> {
+    read_body_of(req.into_body()).await
+}
+
+/// [`read_body`] of a body taken out of its request.
+pub async fn read_body_of(body: axum::body::Body) -> Result<Bytes, ApiError> {
     let limit = body_timeout();
-    let read = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES);
+    let read = axum::body::to_bytes(body, MAX_BODY_BYTES);
     tokio::time::timeout(limit, read)
         .await
         .map_err(|_| ApiError::RequestTimeout(limit))?

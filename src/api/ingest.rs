@@ -10,6 +10,7 @@
 //! many invalid messages"). A message over 1 MiB closes it (1009), as such a body is a 413 over
 //! HTTP.
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{json_error, MAX_BODY_BYTES};
 use super::locations::{check_batch, summary, BatchInput, Rejected};
@@ -17,13 +18,12 @@ use super::socket::{self, ErrorMessage, Strikes};
 use super::AppState;
 use crate::domain::{now_micros, validate_position, PositionInput};
 use crate::hub::{CloseReason, IngestResult};
-use crate::tracker::Tracker;
+use crate::trust::keys::Principal;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use std::sync::Arc;
 use std::time::Instant;
 use utoipa::ToSchema;
 
@@ -56,6 +56,7 @@ pub struct IngestAck {
 )]
 pub async fn ingest(
     State(state): State<AppState>,
+    Caller(caller): Caller,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let upgrade = match upgrade {
@@ -71,13 +72,13 @@ pub async fn ingest(
         return ApiError::NotReady("the service is not accepting connections now".into())
             .into_response();
     }
-    let tracker = state.tracker;
-    let hub = tracker.hub().clone();
+    let hub = state.tracker.hub().clone();
     socket::configure(upgrade, MAX_BODY_BYTES)
-        .on_upgrade(move |socket| hub.track(run(socket, tracker)))
+        .on_upgrade(move |socket| hub.track(run(socket, state, caller)))
 }
 
-async fn run(mut socket: WebSocket, tracker: Arc<Tracker>) {
+async fn run(mut socket: WebSocket, state: AppState, caller: Principal) {
+    let tracker = state.tracker.clone();
     let metrics = tracker.hub().metrics().clone();
     let closing = tracker.hub().closing();
     metrics.ingest_opened();
@@ -96,7 +97,7 @@ async fn run(mut socket: WebSocket, tracker: Arc<Tracker>) {
             Some(Ok(Message::Binary(_))) => Err(ApiError::MalformedJson(
                 "binary messages are not accepted: send JSON text".into(),
             )),
-            Some(Ok(Message::Text(text))) => report(&tracker, &text).await,
+            Some(Ok(Message::Text(text))) => report(&state, &caller, &text).await,
         };
         let json = match answer {
             Ok(ack) => {
@@ -123,31 +124,40 @@ async fn run(mut socket: WebSocket, tracker: Arc<Tracker>) {
 }
 
 /// Checks and applies one message: a batch when it has `locations`, else a single position.
-async fn report(tracker: &Tracker, text: &str) -> Result<IngestAck, ApiError> {
+async fn report(state: &AppState, caller: &Principal, text: &str) -> Result<IngestAck, ApiError> {
     let received_at = now_micros();
     super::extract::check_depth(text.as_bytes())?;
     let batch: BatchInput = serde_json::from_str(text).map_err(|e| message_error(e, text))?;
-    let (positions, rejected) = if batch.locations.is_some() {
+    let (positions, mut rejected) = if batch.locations.is_some() {
         let checked = check_batch(batch, received_at)?;
         (checked.positions, checked.rejected)
     } else {
         let input: PositionInput =
             serde_json::from_str(text).map_err(|e| message_error(e, text))?;
         match validate_position(&input, received_at) {
-            Ok(position) => (vec![position], Vec::new()),
+            Ok(position) => (vec![(0, position)], Vec::new()),
             Err(errors) => {
                 let error = ApiError::validation(summary(&errors), errors).body();
                 (Vec::new(), vec![Rejected { index: 0, error }])
             }
         }
     };
-    let accepted = positions.len();
-    if accepted > 0 {
-        tracker.apply(positions, received_at).await?;
+    let admitted = state.trust.admit(caller, positions, &state.tracker).await?;
+    for (index, error) in admitted.rejected {
+        let summary = format!("{} {}", error.field, error.message);
+        let error = ApiError::validation(summary, vec![error]).body();
+        rejected.push(Rejected { index, error });
     }
+    rejected.sort_by_key(|r| r.index);
+    if !admitted.positions.is_empty() {
+        state.tracker.apply(admitted.positions, received_at).await?;
+    }
+    state
+        .trust
+        .count_accepted(&caller.tenant, admitted.accepted as u64);
     Ok(IngestAck {
         kind: "ack",
-        accepted,
+        accepted: admitted.accepted,
         rejected,
     })
 }
@@ -172,23 +182,28 @@ mod tests {
     use crate::metrics::Metrics;
     use std::time::Duration;
 
-    fn tracker() -> Tracker {
-        Tracker::in_memory(Duration::from_secs(60), Metrics::new())
-    }
-
     #[tokio::test]
     async fn single_batch_and_errors() {
-        let t = tracker();
-        let ack = report(&t, r#"{"driver_id":"a","latitude":1,"longitude":2}"#)
+        let metrics = Metrics::new();
+        let (trust, _dir) = crate::api::auth::open_for_tests(&metrics);
+        let tracker = crate::tracker::Tracker::in_memory(Duration::from_secs(60), metrics);
+        let state = AppState {
+            tracker: std::sync::Arc::new(tracker),
+            trust,
+        };
+        let caller = Principal::open();
+        let t = &state.tracker;
+        let ack = report(&state, &caller, r#"{"driver_id":"a","latitude":1,"longitude":2}"#)
             .await
             .unwrap();
         assert_eq!((ack.accepted, ack.rejected.len()), (1, 0));
-        let ack = report(&t, r#"{"driver_id":"a","latitude":95,"longitude":2}"#)
+        let ack = report(&state, &caller, r#"{"driver_id":"a","latitude":95,"longitude":2}"#)
             .await
             .unwrap();
         assert_eq!((ack.accepted, ack.rejected[0].index), (0, 0));
         let ack = report(
-            &t,
+            &state,
+            &caller,
             r#"{"locations":[{"driver_id":"b","latitude":1,"longitude":2},7,{"driver_id":"c"}]}"#,
         )
         .await
@@ -204,9 +219,9 @@ mod tests {
             (r#"{"locations":[]}"#, "validation_failed"),
             (r#"{"locations":5}"#, "validation_failed"),
         ] {
-            assert_eq!(report(&t, text).await.unwrap_err().code(), code, "{text}");
+            assert_eq!(report(&state, &caller, text).await.unwrap_err().code(), code, "{text}");
         }
-        let e = report(&t, "{oops").await.unwrap_err();
+        let e = report(&state, &caller, "{oops").await.unwrap_err();
         assert!(
             e.to_string().starts_with("message is not valid JSON"),
             "{e}"

@@ -1,10 +1,12 @@
 //! `POST /v1/locations` and `POST /v1/locations/batch`: where devices report positions.
 
+use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::extract::JsonBody;
 use super::AppState;
 use crate::domain::field::deserialize_object_or_kind;
 use crate::domain::{now_micros, validate_position, FieldError, Micros, Position, PositionInput};
+use crate::trust::keys::Principal;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
@@ -79,12 +81,26 @@ pub(super) fn summary(errors: &[FieldError]) -> String {
 )]
 pub async fn post_location(
     State(state): State<AppState>,
+    Caller(caller): Caller,
     JsonBody(input): JsonBody<PositionInput>,
 ) -> Result<Response, ApiError> {
     let received_at = now_micros();
     let position = validate_position(&input, received_at)
         .map_err(|errors| ApiError::validation(summary(&errors), errors))?;
-    state.tracker.apply(vec![position], received_at).await?;
+    let admitted = state
+        .trust
+        .admit(&caller, vec![(0, position)], &state.tracker)
+        .await?;
+    if let Some((_, error)) = admitted.rejected.into_iter().next() {
+        return Err(ApiError::validation(
+            format!("{} {}", error.field, error.message),
+            vec![error],
+        ));
+    }
+    if !admitted.positions.is_empty() {
+        state.tracker.apply(admitted.positions, received_at).await?;
+    }
+    state.trust.count_accepted(&caller.tenant, 1);
     Ok(accepted_one())
 }
 
@@ -115,25 +131,56 @@ fn accepted_one() -> Response {
 )]
 pub async fn post_batch(
     State(state): State<AppState>,
+    Caller(caller): Caller,
     JsonBody(input): JsonBody<BatchInput>,
 ) -> Result<(StatusCode, Json<BatchAccepted>), ApiError> {
     let received_at = now_micros();
     let batch = check_batch(input, received_at)?;
-    if batch.positions.is_empty() {
-        return Err(ApiError::validation(
-            "no valid position in the batch",
-            batch.errors,
-        ));
-    }
-    let accepted = batch.positions.len();
-    state.tracker.apply(batch.positions, received_at).await?;
+    let (accepted, rejected) = admit_batch(&state, &caller, batch, received_at).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(BatchAccepted {
-            accepted,
-            rejected: batch.rejected,
-        }),
+        Json(BatchAccepted { accepted, rejected }),
     ))
+}
+
+/// Runs a checked batch through the trust checks and applies what they admit; returns how many
+/// were accepted and the rejections (validation and sanity filters) in index order. A batch with
+/// nothing accepted is a 422 with every error.
+pub(super) async fn admit_batch(
+    state: &AppState,
+    caller: &Principal,
+    batch: CheckedBatch,
+    received_at: Micros,
+) -> Result<(usize, Vec<Rejected>), ApiError> {
+    let CheckedBatch {
+        positions,
+        mut rejected,
+        mut errors,
+    } = batch;
+    let admitted = state.trust.admit(caller, positions, &state.tracker).await?;
+    for (index, error) in admitted.rejected {
+        errors.push(FieldError::new(
+            &format!("locations[{index}].{}", error.field),
+            error.message.clone(),
+        ));
+        let body =
+            ApiError::validation(format!("{} {}", error.field, error.message), vec![error]).body();
+        rejected.push(Rejected { index, error: body });
+    }
+    rejected.sort_by_key(|r| r.index);
+    if admitted.accepted == 0 {
+        return Err(ApiError::validation(
+            "no valid position in the batch",
+            errors,
+        ));
+    }
+    if !admitted.positions.is_empty() {
+        state.tracker.apply(admitted.positions, received_at).await?;
+    }
+    state
+        .trust
+        .count_accepted(&caller.tenant, admitted.accepted as u64);
+    Ok((admitted.accepted, rejected))
 }
 
 /// Decodes and checks a `POST /v1/locations` body exactly as the endpoint does (depth limit, JSON,
@@ -157,7 +204,8 @@ pub fn decode_batch(body: &[u8], received_at: Micros) -> Result<CheckedBatch, Ap
 
 /// A batch checked entry by entry (shared with the device WebSocket, `ingest`).
 pub struct CheckedBatch {
-    pub positions: Vec<Position>,
+    /// Valid entries with their index in the request.
+    pub positions: Vec<(usize, Position)>,
     pub rejected: Vec<Rejected>,
     /// Every field error, named `locations[i].field`.
     pub errors: Vec<FieldError>,
@@ -180,7 +228,7 @@ pub(super) fn check_batch(
             ),
         ));
     }
-    let mut positions: Vec<Position> = Vec::with_capacity(entries.len());
+    let mut positions: Vec<(usize, Position)> = Vec::with_capacity(entries.len());
     let mut rejected = Vec::new();
     let mut all_errors = Vec::new();
     for (index, BatchEntry(entry)) in entries.into_iter().enumerate() {
@@ -192,7 +240,7 @@ pub(super) fn check_batch(
             )]),
         };
         match checked {
-            Ok(p) => positions.push(p),
+            Ok(p) => positions.push((index, p)),
             Err(errors) => {
                 all_errors.extend(errors.iter().map(|e| {
                     let field = match e.field.as_str() {
@@ -279,7 +327,7 @@ mod tests {
             }
             let batch = serde_json::to_vec(&json!({"locations": [value]})).unwrap();
             match decode_batch(&batch, NOW) {
-                Ok(checked) => checked.positions.iter().for_each(assert_valid),
+                Ok(checked) => checked.positions.iter().for_each(|(_, p)| assert_valid(p)),
                 Err(e) => prop_assert!(e.status().is_client_error(), "{e:?}"),
             }
         }

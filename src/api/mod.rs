@@ -2,11 +2,14 @@
 //! every bad input to a 4xx, and the per-request observability layer. Nothing below this module
 //! knows about HTTP.
 
+pub mod anomalies;
+pub mod auth;
 pub mod docs;
 pub mod drivers;
 pub mod error;
 pub mod extract;
 pub mod ingest;
+pub mod keys;
 pub mod locations;
 pub mod map;
 mod observe;
@@ -14,6 +17,7 @@ pub mod ops;
 mod socket;
 pub mod stream;
 pub mod track;
+pub mod write_guard;
 
 use crate::tracker::Tracker;
 use axum::routing::{get, post};
@@ -25,16 +29,16 @@ use utoipa_swagger_ui::SwaggerUi;
 #[derive(Clone)]
 pub struct AppState {
     pub tracker: Arc<Tracker>,
-}
-
-/// The whole application, ready to serve, with the live map's default settings.
-pub fn router(tracker: Arc<Tracker>) -> Router {
-    router_with(tracker, map::MapSettings::default())
+    pub trust: Arc<auth::Trust>,
 }
 
 /// The whole application, ready to serve; `map` configures the live map page at `/`.
-pub fn router_with(tracker: Arc<Tracker>, map: map::MapSettings) -> Router {
-    let state = AppState { tracker };
+pub fn router_with(
+    tracker: Arc<Tracker>,
+    trust: Arc<auth::Trust>,
+    map: map::MapSettings,
+) -> Router {
+    let state = AppState { tracker, trust };
     let api = Router::new()
         .route("/v1/locations", post(locations::post_location))
         .route("/v1/locations/batch", post(locations::post_batch))
@@ -48,6 +52,9 @@ pub fn router_with(tracker: Arc<Tracker>, map: map::MapSettings) -> Router {
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
+        .route("/v1/anomalies", get(anomalies::list))
+        .route("/v1/keys", get(keys::list).post(keys::create))
+        .route("/v1/keys/{key_id}", axum::routing::delete(keys::revoke))
         .with_state(state.clone());
     Router::new()
         .merge(SwaggerUi::new("/docs").url("/openapi.json", docs::openapi()))
@@ -55,6 +62,15 @@ pub fn router_with(tracker: Arc<Tracker>, map: map::MapSettings) -> Router {
         .merge(map::routes(map))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
+        // Layers run bottom-up: the caller is known before the write guard reads it.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            write_guard::guard_writes,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .layer(observe::ObserveLayer {
             metrics: state.tracker.metrics().clone(),
         })

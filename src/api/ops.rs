@@ -1,5 +1,6 @@
 //! Operations endpoints: `/health`, `/ready`, `/metrics`, `/v1/stats`, and the 404/405 fallbacks.
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::AppState;
 use axum::extract::State;
@@ -72,8 +73,18 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 /// Drivers by status and positions accepted so far.
 #[utoipa::path(get, path = "/v1/stats", tag = "ops",
     responses((status = 200, description = "Counts", body = StatsResponse)))]
-pub async fn stats(State(state): State<AppState>) -> Result<Json<StatsResponse>, ApiError> {
-    let c = state.tracker.counts().await?;
+pub async fn stats(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> Result<Json<StatsResponse>, ApiError> {
+    // A tenant sees its own drivers and updates only; open mode sees everything.
+    let (c, updates_total) = match crate::domain::tenant::prefix(&caller.tenant) {
+        None => (state.tracker.counts().await?, state.tracker.updates_total()),
+        Some(prefix) => (
+            state.tracker.counts_in(&prefix).await?,
+            state.trust.accepted(&caller.tenant),
+        ),
+    };
     Ok(Json(StatsResponse {
         drivers: DriverCounts {
             online: c.online,
@@ -81,7 +92,7 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<StatsResponse>,
             offline: c.offline,
             total: c.total(),
         },
-        updates_total: state.tracker.updates_total(),
+        updates_total,
     }))
 }
 

@@ -13,6 +13,7 @@
 //! error`, code `shutting_down`). SSE sends a `: keep-alive` comment, WebSocket a ping, every
 //! keep-alive period.
 
+use super::auth::Caller;
 use super::drivers::{number_param, status_param, MAX_RADIUS_M};
 use super::error::ApiError;
 use super::extract::QueryParams;
@@ -32,6 +33,7 @@ use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
+use compact_str::CompactString;
 use futures_util::{FutureExt, SinkExt};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -99,7 +101,11 @@ impl StreamParams {
         }
         match area {
             Some(area) if errors.is_empty() => Ok(StreamRequest {
-                scope: Scope { area, statuses },
+                scope: Scope {
+                    area,
+                    statuses,
+                    tenant: None,
+                },
                 min_interval: Duration::from_millis(interval_ms as u64),
             }),
             _ => Err(validation(errors)),
@@ -309,13 +315,15 @@ fn parse_driver_ids(errors: &mut Vec<FieldError>, text: &str) -> Option<Area> {
 )]
 pub async fn stream_ws(
     State(state): State<AppState>,
+    Caller(caller): Caller,
     QueryParams(params): QueryParams<StreamParams>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let request = match params.to_request() {
+    let mut request = match params.to_request() {
         Ok(request) => request,
         Err(e) => return e.into_response(),
     };
+    request.scope = request.scope.for_tenant(&caller.tenant);
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
         Err(rejection) => {
@@ -331,14 +339,19 @@ pub async fn stream_ws(
     let tracker = state.tracker;
     let hub = tracker.hub().clone();
     socket::configure(upgrade, MAX_CLIENT_MESSAGE)
-        .on_upgrade(move |socket| hub.track(run_ws(socket, tracker, request)))
+        .on_upgrade(move |socket| hub.track(run_ws(socket, tracker, request, caller.tenant)))
 }
 
 fn not_accepting() -> ApiError {
     ApiError::NotReady("the service is not accepting stream subscriptions now".into())
 }
 
-async fn run_ws(socket: WebSocket, tracker: Arc<Tracker>, request: StreamRequest) {
+async fn run_ws(
+    socket: WebSocket,
+    tracker: Arc<Tracker>,
+    request: StreamRequest,
+    tenant: CompactString,
+) {
     let (feed, snapshot) = match Feed::open(&tracker, request, Transport::Ws).await {
         Ok(opened) => opened,
         Err(Refused::NotAccepting) => {
@@ -354,6 +367,7 @@ async fn run_ws(socket: WebSocket, tracker: Arc<Tracker>, request: StreamRequest
         feed,
         strikes: Strikes::default(),
         send_limit: config.max_lag,
+        tenant,
     };
     let (reason, frame) = stream.run(snapshot, config.keepalive).await;
     stream.feed.end(reason);
@@ -368,6 +382,8 @@ struct WsStream {
     strikes: Strikes,
     /// Longest one batch may take to write before the subscriber counts as too slow.
     send_limit: Duration,
+    /// The subscriber's tenant: new subscriptions are scoped to it too.
+    tenant: CompactString,
 }
 
 /// Why a stream's loop woke up.
@@ -459,12 +475,18 @@ impl WsStream {
                 ApiError::MalformedJson("binary messages are not accepted: send JSON text".into())
             }
             Some(Ok(Message::Text(text))) => match subscribe_request(&text) {
-                Ok(request) => match self.feed.resubscribe(request).await {
-                    Ok(snapshot) => return self.send(snapshot).await,
-                    Err(_) => {
-                        return Err((CloseReason::Error, Some(socket::store_unavailable_frame())))
+                Ok(mut request) => {
+                    request.scope = request.scope.for_tenant(&self.tenant);
+                    match self.feed.resubscribe(request).await {
+                        Ok(snapshot) => return self.send(snapshot).await,
+                        Err(_) => {
+                            return Err((
+                                CloseReason::Error,
+                                Some(socket::store_unavailable_frame()),
+                            ))
+                        }
                     }
-                },
+                }
                 Err(error) => error,
             },
         };
@@ -517,9 +539,11 @@ fn keepalive_timer(period: Duration) -> Interval {
 )]
 pub async fn stream_sse(
     State(state): State<AppState>,
+    Caller(caller): Caller,
     QueryParams(params): QueryParams<StreamParams>,
 ) -> Result<Response, ApiError> {
-    let request = params.to_request()?;
+    let mut request = params.to_request()?;
+    request.scope = request.scope.for_tenant(&caller.tenant);
     let (feed, snapshot) = Feed::open(&state.tracker, request, Transport::Sse)
         .await
         .map_err(|refused| match refused {

@@ -1,5 +1,6 @@
 //! `GET /v1/drivers/{driver_id}/track`: where a driver went, for playback, distance and disputes.
 
+use super::auth::Caller;
 use super::drivers::check_driver_id;
 use super::error::ApiError;
 use super::extract::QueryParams;
@@ -197,13 +198,18 @@ fn with_type(body: impl IntoResponse, content_type: &'static str) -> Response {
 )]
 pub async fn track(
     State(state): State<AppState>,
+    Caller(caller): Caller,
     Path(driver_id): Path<String>,
     QueryParams(params): QueryParams<TrackParams>,
 ) -> Result<Response, ApiError> {
     check_driver_id(&driver_id)?;
     let checked = params.check(driver_id)?;
-    let query = checked.query;
-    let page = state.tracker.track(query.clone()).await?;
+    let mut query = checked.query;
+    let mut stored = query.clone();
+    stored.driver_id = crate::domain::tenant::internal(&caller.tenant, &query.driver_id).into();
+    let page = state.tracker.track(stored).await?;
+    // The cursor names the stored (tenant's) id; the answer shows the tenant's own.
+    query.driver_id = crate::domain::tenant::external(&query.driver_id).to_string();
     let coords: Vec<(i32, i32)> = page.points.iter().map(|p| (p.lat_e6, p.lon_e6)).collect();
     let distance_m = (track_distance_m(&coords) * 100.0).round() / 100.0;
     let duration_s = match (page.points.first(), page.points.last()) {

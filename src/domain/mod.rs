@@ -4,6 +4,7 @@
 
 pub mod field;
 pub mod position;
+pub mod tenant;
 mod time;
 
 pub use field::{Field, NumberField, TextField};

@@ -41,7 +41,7 @@ pub struct DriverView<'a> {
 impl<'a> From<&'a Position> for DriverView<'a> {
     fn from(p: &'a Position) -> Self {
         DriverView {
-            driver_id: &p.driver_id,
+            driver_id: crate::domain::tenant::external(&p.driver_id),
             latitude: p.latitude(),
             longitude: p.longitude(),
             status: p.status,
@@ -116,7 +116,7 @@ pub fn position(p: &Position) -> Update {
 pub fn removed(driver: &DriverId, reason: RemovedReason) -> Update {
     let message = RemovedMessage {
         kind: "removed",
-        driver_id: driver,
+        driver_id: crate::domain::tenant::external(driver),
         reason,
     };
     Update {

@@ -28,6 +28,9 @@ pub struct Scope {
     pub area: Area,
     /// Statuses followed; offline drivers are never in scope (going offline is a `removed`).
     pub statuses: StatusSet,
+    /// Only drivers whose id starts with this: the subscriber's tenant (see
+    /// [`crate::domain::tenant`]); `None` in open mode.
+    pub tenant: Option<DriverId>,
 }
 
 #[derive(Debug, Clone)]
@@ -58,9 +61,26 @@ pub enum Placement {
 }
 
 impl Scope {
+    /// The scope as a tenant's subscriber means it: only the tenant's drivers, and driver ids in
+    /// the tenant's namespace. Open mode (empty tenant) leaves it as it is.
+    pub fn for_tenant(mut self, tenant: &str) -> Scope {
+        use crate::domain::tenant;
+        if tenant.is_empty() {
+            return self;
+        }
+        self.tenant = tenant::prefix(tenant).map(|p| DriverId::from(p.as_str()));
+        if let Area::Drivers(ids) = &mut self.area {
+            *ids = ids.iter().map(|id| tenant::internal(tenant, id)).collect();
+        }
+        self
+    }
+
     /// Whether a position belongs in this subscriber's feed.
     pub fn admits(&self, p: &Position) -> bool {
-        p.status != Status::Offline && self.statuses.contains(p.status) && self.area.contains(p)
+        p.status != Status::Offline
+            && self.statuses.contains(p.status)
+            && crate::domain::tenant::belongs(&p.driver_id, self.tenant.as_deref())
+            && self.area.contains(p)
     }
 
     pub fn placement(&self) -> Placement {
@@ -261,6 +281,7 @@ mod tests {
         let scope = |area| Scope {
             area,
             statuses: StatusSet::WORKING,
+            tenant: None,
         };
         let city = scope(Area::Circle(circle(31.23, 121.47, 2_000.0)));
         let Placement::Blocks { level, keys } = city.placement() else {
@@ -300,6 +321,7 @@ mod tests {
         let scope = Scope {
             area: Area::Box(b),
             statuses: StatusSet::WORKING,
+            tenant: None,
         };
         let Placement::Blocks { level, keys } = scope.placement() else {
             panic!("blocks expected")
@@ -319,6 +341,7 @@ mod tests {
         let scope = Scope {
             area: Area::Drivers(["d".into()].into_iter().collect()),
             statuses: online,
+            tenant: None,
         };
         let mut p = at(1.0, 1.0);
         assert!(scope.admits(&p));

@@ -38,6 +38,7 @@ fn boxed(south: f64, west: f64, north: f64, east: f64) -> Scope {
             statuses: StatusSet::WORKING,
         }),
         statuses: StatusSet::WORKING,
+        tenant: None,
     }
 }
 
@@ -49,6 +50,7 @@ fn circle(lat: f64, lon: f64, radius_m: f64) -> Scope {
             radius_m,
         }),
         statuses: StatusSet::WORKING,
+        tenant: None,
     }
 }
 
@@ -56,6 +58,7 @@ fn drivers(ids: &[&str]) -> Scope {
     Scope {
         area: Area::Drivers(ids.iter().map(|&id| id.into()).collect()),
         statuses: StatusSet::WORKING,
+        tenant: None,
     }
 }
 

@@ -502,9 +502,15 @@ impl MemoryIndex {
 
     /// The `limit` nearest live drivers within the radius whose status matches, nearest first.
     pub fn nearby(&self, q: &NearbyQuery, now: Instant) -> Vec<NearbyHit> {
+        self.nearby_in(q, None, now)
+    }
+
+    /// [`MemoryIndex::nearby`] among the drivers whose id starts with `prefix` (a tenant's).
+    pub fn nearby_in(&self, q: &NearbyQuery, prefix: Option<&str>, now: Instant) -> Vec<NearbyHit> {
         let guards: Vec<RwLockReadGuard<'_, Shard>> =
             self.shards.iter().map(|s| s.read()).collect();
         let mut search = Search::new(q, &guards, self.freshness(now));
+        search.prefix = prefix;
         search.run();
         search.into_hits()
     }
@@ -553,6 +559,8 @@ struct Search<'a> {
     radius_hav: f64,
     limit: usize,
     statuses: StatusSet,
+    /// Only drivers whose id starts with this (a tenant's namespace).
+    prefix: Option<&'a str>,
     heap: BinaryHeap<Candidate>,
 }
 
@@ -596,6 +604,7 @@ impl<'a> Search<'a> {
             radius_hav: meters_to_hav(q.radius_m),
             limit: q.limit.max(1),
             statuses: q.statuses,
+            prefix: None,
             heap: BinaryHeap::with_capacity(q.limit.max(1) + 1),
         }
     }
@@ -696,7 +705,10 @@ impl<'a> Search<'a> {
             if hav > bound || (full && hav >= bound) {
                 continue;
             }
-            if !self.fresh.is_live(guard.record(e.slot()).seen) {
+            let record = guard.record(e.slot());
+            if !self.fresh.is_live(record.seen)
+                || self.prefix.is_some_and(|p| !record.id.starts_with(p))
+            {
                 continue;
             }
             if full {

@@ -147,7 +147,7 @@ impl StatusCounts {
         }
     }
 
-    fn add(&mut self, status: Status, n: u64) {
+    pub fn add(&mut self, status: Status, n: u64) {
         match status {
             Status::Online => self.online += n,
             Status::Busy => self.busy += n,

@@ -47,7 +47,7 @@ pub const MAX_PER_DRIVER_PER_HOUR: u32 = 60;
 pub const MAX_QUERY_LIMIT: usize = 10_000;
 
 /// What kind of suspicious jump.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AnomalyKind {
     /// Distance over time from the previous fix above the maximum speed.
@@ -68,22 +68,24 @@ impl AnomalyKind {
 }
 
 /// A point in degrees.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Point {
     pub latitude: f64,
     pub longitude: f64,
 }
 
 /// One suspicious fix, as recorded and as returned by the query endpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Anomaly {
     pub tenant: String,
     pub driver_id: String,
     /// Timestamp of the rejected fix.
     #[serde(with = "super::serde_time::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub at: Micros,
     /// When the server saw it.
     #[serde(with = "super::serde_time::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub recorded_at: Micros,
     pub kind: AnomalyKind,
     /// Metres per second, after the accuracy allowance (see [`super::filters`]).

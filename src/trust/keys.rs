@@ -64,7 +64,18 @@ const LOCK_FILE: &str = "keys.lock";
 const FILE_VERSION: u32 = 1;
 
 /// What a key may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Manages the keys of its tenant; may also read.
@@ -157,7 +168,7 @@ impl fmt::Debug for ApiKey {
 }
 
 /// What `keys list` and admin endpoints show about a key: never a secret or a hash.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KeyInfo {
     pub id: String,
     pub tenant: String,
@@ -194,16 +205,17 @@ pub struct Principal {
     pub drivers: Arc<[DriverId]>,
     /// The key's signing secret, for [`super::signing::verify`] when signing is enforced.
     pub signing_secret: Option<Arc<str>>,
-    /// `--allow-open` only: may do everything (see [`Principal::open`]).
+    /// Open mode (no key configured): may do everything (see [`Principal::open`]).
     pub unrestricted: bool,
 }
 
-/// Tenant of requests without a key under `--allow-open`.
-pub const OPEN_TENANT: &str = "default";
+/// Tenant of requests in open mode: none, so driver ids are stored as given
+/// (see [`crate::domain::tenant`]).
+pub const OPEN_TENANT: &str = "";
 
 impl Principal {
-    /// The caller of a request without a key when the server runs with `--allow-open`
-    /// (development): tenant [`OPEN_TENANT`], may read, write any driver and manage keys.
+    /// The caller of every request while no key is configured (open mode): tenant
+    /// [`OPEN_TENANT`], may read and write any driver.
     pub fn open() -> Principal {
         Principal {
             key_id: CompactString::const_new("open"),

@@ -22,8 +22,20 @@ impl Server {
         Server::start_with(&[], &[])
     }
 
-    /// Starts `fleettracker serve` with extra flags and environment variables.
+    /// Starts `fleettracker serve` with extra flags and environment variables. Tests that are not
+    /// about the GPS sanity filters switch off the two that their made-up data trips (old fixed
+    /// timestamps, instant jumps across a city); [`Server::start_filtered`] keeps the defaults.
     pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Server {
+        if args.contains(&"--no-filter") {
+            return Server::start_filtered(args, env);
+        }
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--no-filter", "too-old,speed"]);
+        Server::start_filtered(&all, env)
+    }
+
+    /// Starts `fleettracker serve` with every default, the sanity filters included.
+    pub fn start_filtered(args: &[&str], env: &[(&str, &str)]) -> Server {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleettracker"));
         cmd.args(["serve", "--listen", "127.0.0.1:0"]);

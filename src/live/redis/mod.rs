@@ -242,11 +242,33 @@ impl RedisLive {
         self.shared.metrics.observe(Op::Get, started, result)
     }
 
+    /// [`RedisLive::nearby`] among the drivers whose id starts with `prefix` (a tenant's).
+    pub async fn nearby_in(
+        &self,
+        q: &NearbyQuery,
+        prefix: Option<&str>,
+    ) -> Result<Vec<NearbyHit>, RedisLiveError> {
+        let started = Instant::now();
+        let result = search::nearby(&self.shared, q, prefix).await;
+        self.shared.metrics.observe(Op::Nearby, started, result)
+    }
+
+    /// The latest positions of `ids`, aligned with them, in one pipeline.
+    pub async fn get_many(
+        &self,
+        ids: &[DriverId],
+    ) -> Result<Vec<Option<Position>>, RedisLiveError> {
+        let started = Instant::now();
+        let result = self.shared.read(ids, false).await;
+        let result = result.map(|v| v.into_iter().map(|r| r.map(|(_, p)| p)).collect());
+        self.shared.metrics.observe(Op::Get, started, result)
+    }
+
     /// The `limit` nearest live drivers within the radius whose status matches, nearest first
     /// (ties by id) — the same answer as [`crate::live::MemoryIndex::nearby`].
     pub async fn nearby(&self, q: &NearbyQuery) -> Result<Vec<NearbyHit>, RedisLiveError> {
         let started = Instant::now();
-        let result = search::nearby(&self.shared, q).await;
+        let result = search::nearby(&self.shared, q, None).await;
         self.shared.metrics.observe(Op::Nearby, started, result)
     }
 
@@ -263,6 +285,13 @@ impl RedisLive {
     pub async fn counts(&self) -> Result<StatusCounts, RedisLiveError> {
         let started = Instant::now();
         let result = self.shared.counts().await;
+        self.shared.metrics.observe(Op::Counts, started, result)
+    }
+
+    /// [`RedisLive::counts`] of the drivers whose id starts with `prefix` (one tenant's).
+    pub async fn counts_in(&self, prefix: &str) -> Result<StatusCounts, RedisLiveError> {
+        let started = Instant::now();
+        let result = self.shared.counts_in(prefix).await;
         self.shared.metrics.observe(Op::Counts, started, result)
     }
 
@@ -372,6 +401,35 @@ impl Shared {
         let mut counts = StatusCounts::default();
         for result in join_all(calls).await {
             for (i, n) in result?.into_iter().enumerate() {
+                match Status::ALL[i % 3] {
+                    Status::Online => counts.online += n,
+                    Status::Busy => counts.busy += n,
+                    Status::Offline => counts.offline += n,
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    /// [`Shared::counts`] of the drivers whose id starts with `prefix`: reads the members of every
+    /// area's status sets (O(drivers); used for one tenant's stats).
+    async fn counts_in(&self, prefix: &str) -> Result<StatusCounts, RedisLiveError> {
+        let areas = self.all_areas().await?;
+        let mut calls = Vec::new();
+        for group in self.by_slot(areas, |a| self.layout.geo_key(a)) {
+            let mut pipe = redis::pipe();
+            for area in &group {
+                for key in self.layout.seen_keys(area) {
+                    pipe.cmd("ZRANGE").arg(key).arg(0).arg(-1);
+                }
+            }
+            let mut conn = self.conn();
+            calls.push(async move { pipe.query_async::<Vec<Vec<String>>>(&mut conn).await });
+        }
+        let mut counts = StatusCounts::default();
+        for result in join_all(calls).await {
+            for (i, members) in result?.into_iter().enumerate() {
+                let n = members.iter().filter(|m| m.starts_with(prefix)).count() as u64;
                 match Status::ALL[i % 3] {
                     Status::Online => counts.online += n,
                     Status::Busy => counts.busy += n,

@@ -150,6 +150,7 @@ async fn per_area(
 pub(super) async fn nearby(
     shared: &Shared,
     q: &NearbyQuery,
+    prefix: Option<&str>,
 ) -> Result<Vec<NearbyHit>, RedisLiveError> {
     let limit = q.limit.max(1);
     if q.statuses.is_empty() || q.radius_m.is_nan() || q.radius_m < 0.0 {
@@ -233,6 +234,7 @@ pub(super) async fn nearby(
             .await?
             .into_iter()
             .flatten()
+            .filter(|(_, p)| prefix.is_none_or(|t| p.driver_id.starts_with(t)))
             .filter_map(|(_, p)| exact.hit(&p))
             .collect();
         hits.sort_by(|a, b| {

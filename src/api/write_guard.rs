@@ -1,0 +1,119 @@
+//! What a POST must pass before its handler runs: the device's request signature (when its key has
+//! a signing secret) and the `Idempotency-Key` replay check.
+//!
+//! Both need the raw body, so this middleware buffers it (within the same size and time limits as
+//! the JSON extractor) only when one of them applies, and hands the handler an identical body.
+//!
+//! Idempotency: a POST with `Idempotency-Key: <1–255 visible ASCII>` is fingerprinted (method, path,
+//! body) under the caller's key. The first request runs and its answer (2xx, 400 and 422 only —
+//! a 503 or 429 must stay retryable) is kept for 24 h; a retry with the same key and body gets that
+//! answer again (`idempotent-replayed: true`) without applying anything twice; the same key with a
+//! different request is 422 `idempotency_key_reused`; a retry while the first is still running is
+//! 409 `idempotency_key_in_flight` with `Retry-After: 1`. The cache is in memory: a restart forgets
+//! it (the position store's out-of-order rule and history's one-row-per-timestamp still make a
+//! replayed position harmless).
+
+use super::auth::verify_signature;
+use super::error::ApiError;
+use super::extract::read_body_of;
+use super::AppState;
+use crate::trust::idempotency::{fingerprint, is_storable, parse_key, Begin, StoredResponse};
+use crate::trust::keys::Principal;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use std::time::Instant;
+
+/// Largest answer kept for replay (ours are small JSON documents).
+const MAX_STORED_BODY: usize = 256 * 1024;
+
+pub async fn guard_writes(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if request.method() != Method::POST {
+        return Ok(next.run(request).await);
+    }
+    let caller = request.extensions().get::<Principal>().cloned();
+    let idempotency_key = match request.headers().get("idempotency-key") {
+        None => None,
+        Some(value) => Some(
+            parse_key(value.as_bytes())
+                .map_err(|_| {
+                    ApiError::invalid_field(
+                        "Idempotency-Key",
+                        "must be 1 to 255 visible ASCII characters",
+                    )
+                })?
+                .to_string(),
+        ),
+    };
+    let signed = caller.as_ref().is_some_and(|c| c.signing_secret.is_some());
+    if idempotency_key.is_none() && !signed {
+        return Ok(next.run(request).await);
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = read_body_of(body).await?;
+    if let Some(caller) = &caller {
+        verify_signature(&state.trust, caller, &parts.headers, &bytes)?;
+    }
+    let Some(key) = idempotency_key else {
+        return Ok(next
+            .run(Request::from_parts(parts, Body::from(bytes)))
+            .await);
+    };
+    let scope = caller.as_ref().map_or("open", |c| c.key_id.as_str());
+    let print = fingerprint(parts.method.as_str(), parts.uri.path(), &bytes);
+    let cache = &state.trust.idempotency;
+    let guard = match cache.begin(scope, &key, print, Instant::now()) {
+        Begin::New(guard) => guard,
+        Begin::Replay(stored) => return Ok(replay(&stored)),
+        Begin::Mismatch => return Err(ApiError::IdempotencyKeyReused),
+        Begin::InFlight => return Err(ApiError::IdempotencyInFlight),
+    };
+    let response = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    let status = response.status().as_u16();
+    if !is_storable(status) {
+        return Ok(response); // the guard drops: a retry may run again
+    }
+    let (head, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, MAX_STORED_BODY)
+        .await
+        .map_err(|_| ApiError::Internal)?;
+    let headers = head
+        .headers
+        .iter()
+        .filter(|(name, _)| name.as_str() == "content-type" || name.as_str() == "location")
+        .map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec()))
+        .collect();
+    let stored = StoredResponse {
+        status,
+        headers,
+        body: body.clone(),
+    };
+    cache.complete(guard, stored, Instant::now());
+    Ok(Response::from_parts(head, Body::from(body)))
+}
+
+fn replay(stored: &StoredResponse) -> Response {
+    let mut response = Response::new(Body::from(stored.body.clone()));
+    *response.status_mut() =
+        axum::http::StatusCode::from_u16(stored.status).unwrap_or(axum::http::StatusCode::OK);
+    for (name, value) in &stored.headers {
+        if let (Ok(name), Ok(value)) = (
+            axum::http::HeaderName::try_from(name.as_str()),
+            HeaderValue::from_bytes(value),
+        ) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
+        .headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    response.into_response()
+}
