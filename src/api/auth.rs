@@ -419,9 +419,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 
 /// Open-mode trust over a temporary directory, for in-process tests of handlers.
 #[cfg(test)]
-pub(crate) fn open_for_tests(
-    metrics: &crate::metrics::Metrics,
-) -> (Arc<Trust>, tempfile::TempDir) {
+pub(crate) fn open_for_tests(metrics: &crate::metrics::Metrics) -> (Arc<Trust>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let keys = KeyStore::open(dir.path()).expect("key store");
     let anomalies =
@@ -432,7 +430,10 @@ pub(crate) fn open_for_tests(
         devices: LimitConfig::DEVICE_DEFAULT,
         filters: SanityFilters::default(),
     };
-    (Arc::new(Trust::new(keys, anomalies, settings, metrics)), dir)
+    (
+        Arc::new(Trust::new(keys, anomalies, settings, metrics)),
+        dir,
+    )
 }
 
 #[cfg(test)]

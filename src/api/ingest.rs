@@ -193,13 +193,21 @@ mod tests {
         };
         let caller = Principal::open();
         let t = &state.tracker;
-        let ack = report(&state, &caller, r#"{"driver_id":"a","latitude":1,"longitude":2}"#)
-            .await
-            .unwrap();
+        let ack = report(
+            &state,
+            &caller,
+            r#"{"driver_id":"a","latitude":1,"longitude":2}"#,
+        )
+        .await
+        .unwrap();
         assert_eq!((ack.accepted, ack.rejected.len()), (1, 0));
-        let ack = report(&state, &caller, r#"{"driver_id":"a","latitude":95,"longitude":2}"#)
-            .await
-            .unwrap();
+        let ack = report(
+            &state,
+            &caller,
+            r#"{"driver_id":"a","latitude":95,"longitude":2}"#,
+        )
+        .await
+        .unwrap();
         assert_eq!((ack.accepted, ack.rejected[0].index), (0, 0));
         let ack = report(
             &state,
@@ -219,7 +227,11 @@ mod tests {
             (r#"{"locations":[]}"#, "validation_failed"),
             (r#"{"locations":5}"#, "validation_failed"),
         ] {
-            assert_eq!(report(&state, &caller, text).await.unwrap_err().code(), code, "{text}");
+            assert_eq!(
+                report(&state, &caller, text).await.unwrap_err().code(),
+                code,
+                "{text}"
+            );
         }
         let e = report(&state, &caller, "{oops").await.unwrap_err();
         assert!(

@@ -1,8 +1,9 @@
 //! `/v1/keys`: admin keys manage the keys of their own tenant (create, list, revoke). The secret of
 //! a new key is in the creation answer only; the store keeps its hash.
 //!
-//! In open mode (no key exists yet) the creation request names the tenant; this is how the first
-//! admin key can be made over the API on a loopback server (or use `fleettracker keys create`).
+//! The first key is made with `fleettracker keys create` on the server's machine: in open mode (no
+//! key yet) nobody is authenticated, so the API refuses to create keys (403) rather than let
+//! whoever reaches the port first own the service.
 
 use super::auth::Caller;
 use super::error::ApiError;
@@ -28,7 +29,7 @@ pub struct CreateKey {
     /// Device keys: also create a signing secret; requests must then carry `X-Signature`.
     #[serde(default)]
     pub signing: bool,
-    /// Open mode only (no key exists yet): the tenant of the new key. With a key, the caller's.
+    /// The caller's tenant (the only one an admin key manages); may be omitted.
     pub tenant: Option<String>,
 }
 
@@ -66,7 +67,7 @@ fn store_error(e: KeyStoreError) -> ApiError {
         (status = 201, description = "Created; the token is shown only now", body = CreatedKey),
         (status = 400, description = "Not JSON", body = super::error::ErrorResponse),
         (status = 401, description = "No valid API key", body = super::error::ErrorResponse),
-        (status = 403, description = "Not an admin key", body = super::error::ErrorResponse),
+        (status = 403, description = "Not an admin key, another tenant, or open mode (create the first key with the CLI)", body = super::error::ErrorResponse),
         (status = 413, description = "Body over 1 MiB", body = super::error::ErrorResponse),
         (status = 415, description = "Not application/json", body = super::error::ErrorResponse),
         (status = 422, description = "Invalid role, drivers, name or tenant", body = super::error::ErrorResponse),
@@ -77,21 +78,18 @@ pub async fn create(
     Caller(caller): Caller,
     JsonBody(input): JsonBody<CreateKey>,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
-    let tenant = match (&input.tenant, caller.tenant.is_empty()) {
-        (Some(t), true) => t.clone(),
-        (None, true) => {
-            return Err(ApiError::invalid_field(
-                "tenant",
-                "is required while no key exists (open mode)",
-            ))
-        }
-        (Some(t), false) if t != caller.tenant.as_str() => {
-            return Err(ApiError::Forbidden(
-                "an admin key manages only its own tenant".into(),
-            ))
-        }
-        (_, false) => caller.tenant.to_string(),
-    };
+    if caller.tenant.is_empty() {
+        return Err(ApiError::Forbidden(
+            "no API key exists yet: create the first admin key with `fleettracker keys create`"
+                .into(),
+        ));
+    }
+    if input.tenant.as_deref().is_some_and(|t| t != caller.tenant.as_str()) {
+        return Err(ApiError::Forbidden(
+            "an admin key manages only its own tenant".into(),
+        ));
+    }
+    let tenant = caller.tenant.to_string();
     let trust = state.trust.clone();
     let (key, secrets) = tokio::task::spawn_blocking(move || {
         let drivers: Vec<&str> = input.drivers.iter().map(String::as_str).collect();

@@ -16,3 +16,4 @@ mod scaleout;
 mod simulate;
 mod streams;
 mod support;
+mod trust;

@@ -38,7 +38,10 @@ impl Server {
     pub fn start_filtered(args: &[&str], env: &[(&str, &str)]) -> Server {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleettracker"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+        cmd.arg("serve");
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
         if !args.contains(&"--data-dir") {
             cmd.arg("--data-dir").arg(data_dir.path());
         }
