@@ -153,11 +153,9 @@ impl Shared {
             for op in &group {
                 let p = &batch[op.position];
                 cmd.arg(index[op.area])
-                    .arg(if op.add { "add" } else { "del" })
                     .arg(p.driver_id.as_str())
-                    .arg(p.lat_e6)
-                    .arg(p.lon_e6)
-                    .arg(p.status.as_str())
+                    .arg(scripts::geo_score(p.lat_e6, p.lon_e6))
+                    .arg(if op.add { p.status.as_str() } else { "del" })
                     .arg(op.prev_status);
             }
             let mut conn = self.conn();
