@@ -50,7 +50,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- The state in a meta hash, or nothing when the position is stale against it.
 local function newer(meta, ts, ttl)
-  local cur = redis.call('HMGET', meta, 'ts', 'seen', 'status', 'area')
+  local cur = redis.call('HMGET', meta, 'ts', 'seen', 'status', 'area', 'indexed')
   if cur[1] and cur[2] and now - tonumber(cur[2]) < ttl and tonumber(ts) < tonumber(cur[1]) then
     return nil
   end
@@ -61,10 +61,12 @@ end
 local function writes()
   return {order = {}, geo = {}, status = {}, prev = {}}
 end
-local function note(w, id, score, st, pst)
+local function note(w, id, score, st, pst, keep_seen)
   if w.status[id] == nil then w.order[#w.order + 1] = id end
   if st == 'offline' then w.geo[id] = false else w.geo[id] = score end
   w.status[id] = st
+  w.touch = w.touch or {}
+  w.touch[id] = w.touch[id] or not keep_seen
   if pst and pst ~= '' then
     w.prev[id] = w.prev[id] or {}
     w.prev[id][pst] = true
@@ -78,8 +80,10 @@ local function flush(w, geo, seen)
     local g = w.geo[id]
     if g then gadd[#gadd + 1] = g; gadd[#gadd + 1] = id else grem[#grem + 1] = id end
     local st = w.status[id]
-    local a = sadd[st]
-    a[#a + 1] = now; a[#a + 1] = id
+    if w.touch[id] then
+      local a = sadd[st]
+      a[#a + 1] = now; a[#a + 1] = id
+    end
     if w.prev[id] then
       for s, _ in pairs(w.prev[id]) do
         if s ~= st and srem[s] then local r = srem[s]; r[#r + 1] = id end
@@ -96,22 +100,28 @@ end
 "#;
 
 /// Standalone upsert: KEYS = geo, seen online/busy/offline, then one meta hash per position;
-/// ARGV = ttl ms, meta expiry ms, then 9 per position (id ts lat lon status speed heading
+/// ARGV = ttl ms, meta expiry ms, seen refresh ms, then 9 per position (id ts lat lon status speed heading
 /// accuracy geo-score). Returns 1 (applied) or 0 (stale) per position.
 const UPSERT_BODY: &str = r#"
-local ttl, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
+local ttl, keep, refresh = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local w = writes()
 local out = {}
 for i = 5, #KEYS do
   local meta = KEYS[i]
-  local a = 3 + (i - 5) * 9
+  local a = 4 + (i - 5) * 9
   local id, ts, st = ARGV[a], ARGV[a + 1], ARGV[a + 4]
   local cur = newer(meta, ts, ttl)
   if cur then
+    -- The seen set is refreshed only every `refresh` ms while the status stays the same: its
+    -- score lags the truth by less than that, which the sweep allows for.
+    local indexed = now
+    local keep_seen = cur[3] == st and cur[5] and now - tonumber(cur[5]) < refresh
+    if keep_seen then indexed = cur[5] end
     redis.call('HSET', meta, 'ts', ts, 'lat', ARGV[a + 2], 'lon', ARGV[a + 3], 'status', st,
-      'speed', ARGV[a + 5], 'heading', ARGV[a + 6], 'accuracy', ARGV[a + 7], 'seen', now)
+      'speed', ARGV[a + 5], 'heading', ARGV[a + 6], 'accuracy', ARGV[a + 7], 'seen', now,
+      'indexed', indexed)
     redis.call('PEXPIRE', meta, keep)
-    note(w, id, ARGV[a + 8], st, cur[3])
+    note(w, id, ARGV[a + 8], st, cur[3], keep_seen)
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -177,8 +187,8 @@ end
 return 1
 "#;
 
-/// The expiry sweep of one area: KEYS = geo, seen online/busy/offline; ARGV = ttl ms, limit.
-/// Removes drivers last seen a TTL ago or earlier from the seen set and the GEO set; returns
+/// The expiry sweep of one area: KEYS = geo, seen online/busy/offline; ARGV = age ms (the TTL plus
+/// the seen refresh interval), limit. Removes drivers whose seen score is that old or older from the seen set and the GEO set; returns
 /// `{more, id, status, id, status, ...}` (more = 1 when a limit was hit). A driver that is still
 /// fresh in another seen set of the area (its status changed after its meta hash was gone) stays
 /// in the GEO set and is not reported.

@@ -126,6 +126,14 @@ async fn offline_is_kept_but_not_searched(target: &RedisTarget) {
     assert_eq!(live.get("d2").await.unwrap(), Some(off));
     let counts = live.counts().await.unwrap();
     assert_eq!((counts.online, counts.busy, counts.offline), (0, 0, 1));
+    // Status changes inside one batch, then repeats within the seen refresh interval.
+    let busy = |ts| pos("d2", 31_230_500, 121_473_700, Status::Busy, T0 + ts);
+    let online = pos("d2", 31_230_500, 121_473_700, Status::Online, T0 + 2);
+    live.upsert(&[online, busy(3), busy(4)]).await.unwrap();
+    live.upsert(&[busy(5)]).await.unwrap();
+    let counts = live.counts().await.unwrap();
+    assert_eq!((counts.online, counts.busy, counts.offline), (0, 1, 0));
+    assert_eq!(live.nearby(&q).await.unwrap().len(), 1);
 }
 
 fn statuses(rng: &mut StdRng) -> StatusSet {

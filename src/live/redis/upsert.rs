@@ -59,7 +59,7 @@ impl Shared {
             keys.extend(area_keys.iter().cloned());
             keys.extend(chunk.iter().map(|p| self.layout.meta_key(&p.driver_id)));
             let mut cmd = scripts::evalsha(&scripts::UPSERT, &keys);
-            cmd.arg(self.ttl_ms).arg(self.keep_ms);
+            cmd.arg(self.ttl_ms).arg(self.keep_ms).arg(self.refresh_ms);
             for p in chunk {
                 meta::push_args(&mut cmd, p);
             }
