@@ -120,7 +120,9 @@ for i = 5, #KEYS do
     redis.call('HSET', meta, 'ts', ts, 'lat', ARGV[a + 2], 'lon', ARGV[a + 3], 'status', st,
       'speed', ARGV[a + 5], 'heading', ARGV[a + 6], 'accuracy', ARGV[a + 7], 'seen', now,
       'indexed', indexed)
-    redis.call('PEXPIRE', meta, keep)
+    -- Same lag for the hash's expiry: it is pushed out whenever the seen set is refreshed, so it
+    -- still outlives the TTL by the grace period minus the refresh interval.
+    if not keep_seen then redis.call('PEXPIRE', meta, keep) end
     note(w, id, ARGV[a + 8], st, cur[3], keep_seen)
     out[#out + 1] = 1
   else
