@@ -8,12 +8,12 @@
 //! One concept per file:
 //! - [`keys`]: the key layout (`drivers:geo`, `driver:<id>:meta`, ...) and the cluster sharding;
 //! - [`geohash`]: the area cells keys are sharded by and channels are named after;
-//! - [`scripts`]: the Lua scripts: the compare-and-set, the clock, the sweep;
-//! - [`batcher`]: how concurrent upserts become one script call;
-//! - [`upsert`]: the flush itself, standalone (one atomic script) and cluster (two steps), and
+//! - `scripts`: the Lua scripts: the compare-and-set, the clock, the sweep;
+//! - `batcher`: how concurrent upserts become one script call;
+//! - `upsert`: the flush itself, standalone (one atomic script) and cluster (two steps), and
 //!   the cross-instance race the cluster leaves;
-//! - [`search`]: nearby and box queries (GEOSEARCH per area, confirmed against the meta hashes);
-//! - [`expiry`]: the sweep that removes silent drivers from the GEO sets;
+//! - `search`: nearby and box queries (GEOSEARCH per area, confirmed against the meta hashes);
+//! - `expiry`: the sweep that removes silent drivers from the GEO sets;
 //! - [`feed`]: cross-instance streams over Pub/Sub.
 //!
 //! Every call goes through one multiplexed, reconnecting connection ([`RedisConn`]); errors come
