@@ -24,7 +24,6 @@ use fleettracker::history::postgres::stream::encode_entry;
 use fleettracker::history::postgres::{
     run_worker, PositionStream, WorkerSettings, FIELD, STREAM_KEY,
 };
-use fleettracker::live::StatusCounts;
 use fleettracker::metrics::Metrics;
 use fleettracker::wal::Batch;
 use fleettracker_testkit::{Postgres, RedisServer};
@@ -84,7 +83,7 @@ fn position(n: usize, drivers: usize) -> Position {
 
 fn metric(metrics: &Metrics, name: &str) -> f64 {
     metrics
-        .render(StatusCounts::default())
+        .render(None)
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)

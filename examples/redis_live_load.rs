@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Without a URL it starts a throwaway `redis-server` (unpinned). The runtime is single-threaded
-//! (`WORKERS=n` for more), as the store would run pinned to one core next to Redis.
+//! (`WORKERS=n` for more), as the store would run pinned to one core next to Redis. 100,000
+//! drivers; positions jump randomly across a city unless `WALK=1` (drivers move ~10 m/s).
 
 use fleettracker::backend::redis::RedisTarget;
 use fleettracker::domain::{now_micros, Position, Status};
@@ -22,12 +23,21 @@ use std::time::{Duration, Instant};
 const TASKS: usize = 64;
 const DRIVERS: u64 = 100_000;
 
-fn position(n: u64) -> Position {
+/// Position number `n`: a pseudo-random driver; with `walk`, near its home spot (moving about
+/// 10 m a second, as real drivers do), else anywhere in a 28 × 33 km city (worst case for the GEO
+/// set: every report moves the member far in the sorted set).
+fn position(n: u64, walk: bool) -> Position {
     let driver = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % DRIVERS;
+    let seed = if walk { driver } else { n };
+    let drift = if walk {
+        (now_micros() / 1_000_000 % 60) as i32 * 90
+    } else {
+        0
+    };
     Position {
         driver_id: format!("drv-{driver}").into(),
-        lat_e6: 31_100_000 + (n.wrapping_mul(7919) % 250_000) as i32,
-        lon_e6: 121_300_000 + (n.wrapping_mul(104_729) % 350_000) as i32,
+        lat_e6: 31_100_000 + (seed.wrapping_mul(7919) % 250_000) as i32 + drift,
+        lon_e6: 121_300_000 + (seed.wrapping_mul(104_729) % 350_000) as i32,
         status: if n.is_multiple_of(10) {
             Status::Busy
         } else {
@@ -40,7 +50,7 @@ fn position(n: u64) -> Position {
     }
 }
 
-async fn phase(live: &RedisLive, batch: usize, seconds: u64) -> (f64, Histogram<u64>) {
+async fn phase(live: &RedisLive, batch: usize, seconds: u64, walk: bool) -> (f64, Histogram<u64>) {
     let counter = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
@@ -53,7 +63,7 @@ async fn phase(live: &RedisLive, batch: usize, seconds: u64) -> (f64, Histogram<
                 let mut n = t as u64 * 1_000_000_007;
                 while Instant::now() < deadline {
                     let positions: Vec<Position> =
-                        (0..batch).map(|i| position(n + i as u64)).collect();
+                        (0..batch).map(|i| position(n + i as u64, walk)).collect();
                     n += batch as u64;
                     let sent = Instant::now();
                     match live.upsert(&positions).await {
@@ -113,9 +123,10 @@ fn main() -> anyhow::Result<()> {
         let target = RedisTarget::parse(&url, false);
         let live = RedisLive::connect(&target, Duration::from_secs(60), &Metrics::new()).await?;
         // Warm-up: loads the scripts and creates the drivers.
-        phase(&live, 1000, 2).await;
+        let walk = std::env::var("WALK").is_ok_and(|v| v == "1");
+        phase(&live, 1000, 2, walk).await;
         for (name, batch) in [("single", 1), ("batch-1000", 1000)] {
-            let (rate, lat) = phase(&live, batch, seconds).await;
+            let (rate, lat) = phase(&live, batch, seconds, walk).await;
             println!(
                 "{name:>10}: {rate:>10.0} positions/s  ({:.0} requests/s)  latency p50 {} µs  p99 {} µs  max {} µs",
                 rate / batch as f64,

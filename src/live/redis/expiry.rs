@@ -9,6 +9,13 @@
 //! sweep either (they confirm against the meta hash), so a late sweep only delays the memory
 //! reclaim, the counts and the "expired" notices.
 //!
+//! On a single server the seen sets are refreshed at most every [`super::seen_refresh`] per driver
+//! (a `ZADD` that moves a member to the tail of a 100k-member skiplist costs about 2.5 µs, a third
+//! of an upsert), so a seen score can lag the last report by that much; the sweep therefore takes
+//! entries older than TTL + refresh. GEO members and counts of a silent driver thus go away
+//! between TTL and TTL + refresh (+ the sweep period) after its last report; `get` and searches are
+//! exact regardless.
+//!
 //! The removed drivers' last positions come from their meta hashes. A hash that is fresh again
 //! means the driver reported in the meantime (or, in a cluster, the entry was a stale duplicate): it
 //! is not announced. A hash already gone (no sweep ran for TTL + grace) is not announced either.
@@ -27,7 +34,7 @@ async fn sweep_area(shared: &Shared, area: String) -> Result<Vec<DriverId>, Redi
     let mut removed = Vec::new();
     loop {
         let mut cmd = scripts::evalsha(&scripts::SWEEP, &keys);
-        cmd.arg(shared.ttl_ms).arg(SWEEP_LIMIT);
+        cmd.arg(shared.ttl_ms + shared.refresh_ms).arg(SWEEP_LIMIT);
         let reply = scripts::array(scripts::run(&mut shared.conn(), &scripts::SWEEP, &cmd).await?)?;
         let more = reply.first().map(scripts::int).transpose()? == Some(1);
         for pair in reply.get(1..).unwrap_or_default().chunks(2) {

@@ -16,7 +16,8 @@
 //!   three `ZCARD`s per area. One set per status instead of a status field keeps both O(log n).
 //! - **Meta hash** `driver:<id>:meta`: `ts` (position timestamp, µs), `lat`/`lon` (micro-degrees,
 //!   exact — GEO coordinates are quantized to about 0.5 m), `status`, `speed`/`heading`/`accuracy`
-//!   (empty when unknown), `seen` (server time of the report, ms) and, in a cluster, `area`. It is
+//!   (empty when unknown), `seen` (server time of the report, ms), `indexed` (when the seen set was
+//!   last refreshed, see the `expiry` module) and, in a cluster, `area`. It is
 //!   the truth: `get` reads it, and nearby/box answers are confirmed against it. It expires
 //!   ([`super::META_GRACE`]) a while after the driver TTL so the expiry sweep can still read the
 //!   last position to announce it; readers treat it as gone once `seen` is older than the TTL.

@@ -1,12 +1,12 @@
 //! The meta hash `driver:<id>:meta` as script arguments and back (see [`super::keys`]).
 
-use super::scripts::{int, text};
+use super::scripts::{geo_score, int, text};
 use super::RedisLiveError;
 use crate::domain::{DriverId, Position, Status};
 use redis::{Cmd, Value};
 
-/// Appends the 8 per-position arguments the upsert scripts take:
-/// id ts lat lon status speed heading accuracy (unknown measurements as empty strings).
+/// Appends the 9 per-position arguments the upsert scripts take: id ts lat lon status speed
+/// heading accuracy geo-score (unknown measurements as empty strings).
 pub fn push_args(cmd: &mut Cmd, p: &Position) {
     cmd.arg(p.driver_id.as_str())
         .arg(p.timestamp)
@@ -19,6 +19,7 @@ pub fn push_args(cmd: &mut Cmd, p: &Position) {
             None => cmd.arg(""),
         };
     }
+    cmd.arg(geo_score(p.lat_e6, p.lon_e6));
 }
 
 fn measure(v: &Value) -> Result<Option<f32>, RedisLiveError> {

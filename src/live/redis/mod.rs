@@ -8,12 +8,12 @@
 //! One concept per file:
 //! - [`keys`]: the key layout (`drivers:geo`, `driver:<id>:meta`, ...) and the cluster sharding;
 //! - [`geohash`]: the area cells keys are sharded by and channels are named after;
-//! - [`scripts`]: the Lua scripts: the compare-and-set, the clock, the sweep;
-//! - [`batcher`]: how concurrent upserts become one script call;
-//! - [`upsert`]: the flush itself, standalone (one atomic script) and cluster (two steps), and
+//! - `scripts`: the Lua scripts: the compare-and-set, the clock, the sweep;
+//! - `batcher`: how concurrent upserts become one script call;
+//! - `upsert`: the flush itself, standalone (one atomic script) and cluster (two steps), and
 //!   the cross-instance race the cluster leaves;
-//! - [`search`]: nearby and box queries (GEOSEARCH per area, confirmed against the meta hashes);
-//! - [`expiry`]: the sweep that removes silent drivers from the GEO sets;
+//! - `search`: nearby and box queries (GEOSEARCH per area, confirmed against the meta hashes);
+//! - `expiry`: the sweep that removes silent drivers from the GEO sets;
 //! - [`feed`]: cross-instance streams over Pub/Sub.
 //!
 //! Every call goes through one multiplexed, reconnecting connection ([`RedisConn`]); errors come
@@ -53,6 +53,11 @@ use tokio::sync::{mpsc, oneshot};
 /// How long a meta hash outlives the driver TTL, so that the expiry sweep can still read the last
 /// position of a driver it removes (to announce it). Readers ignore it after the TTL anyway.
 pub const META_GRACE: Duration = Duration::from_secs(120);
+
+/// How long a seen score may lag a driver's last report (a tenth of the TTL, at most 5 s).
+pub fn seen_refresh(driver_ttl: Duration) -> Duration {
+    (driver_ttl / 10).min(Duration::from_secs(5))
+}
 
 /// What went wrong talking to Redis.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -162,6 +167,9 @@ pub(crate) struct Shared {
     layout: Layout,
     ttl_ms: u64,
     keep_ms: u64,
+    /// How stale a seen score may get before an upsert refreshes it (single server; see
+    /// [`expiry`]).
+    refresh_ms: u64,
     metrics: RedisMetrics,
     /// Cluster: areas this instance knows are in `drivers:areas` (forgotten every
     /// [`AREA_CACHE_TTL`], so a lost registry fills up again).
@@ -199,6 +207,10 @@ impl RedisLive {
             layout,
             ttl_ms,
             keep_ms: ttl_ms + META_GRACE.as_millis() as u64,
+            refresh_ms: match layout {
+                Layout::Standalone => seen_refresh(driver_ttl).as_millis() as u64,
+                Layout::Cluster => 0,
+            },
             metrics: RedisMetrics::new(metrics),
             known_areas: Mutex::new((Instant::now(), HashSet::new())),
         });

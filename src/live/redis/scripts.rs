@@ -32,10 +32,13 @@
 //! driver id) and the area keys (slot of the geohash cell) are on different slots, so an upsert is
 //! two steps: [`CAS`] on the meta hashes (grouped by slot) returns whether each position applied and
 //! the driver's previous area, then [`AREA`] (grouped by area slot) adds the driver to its new area
-//! and removes it from the old one. See [`super::cluster_race`] for what can go wrong in between.
+//! and removes it from the old one. See [`super::upsert`] for what can go wrong in between.
 //!
-//! Geo coordinates are clamped to ±85.05112° (Redis' GEO limit, Web Mercator); the meta hash keeps
-//! the real ones.
+//! Within a script call, the area writes are collected and sent as one multi-member `ZADD`/`ZREM`
+//! per key; GEO members are written with `ZADD` and a score computed by the instance
+//! ([`geo_score`], Redis' own 52-bit geohash), which is what `GEOADD` does minus its parsing: the
+//! per-position cost inside Redis is then the meta hash (HMGET, HSET, PEXPIRE) and a share of
+//! the set writes.
 
 use super::RedisLiveError;
 use crate::backend::redis::RedisConn;
@@ -45,64 +48,106 @@ use std::sync::LazyLock;
 const PRELUDE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function geoadd(key, lat, lon, id)
-  local y = tonumber(lat) / 1e6
-  if y > 85.05112 then y = 85.05112 elseif y < -85.05112 then y = -85.05112 end
-  redis.call('GEOADD', key, tonumber(lon) / 1e6, y, id)
-end
 -- The state in a meta hash, or nothing when the position is stale against it.
 local function newer(meta, ts, ttl)
-  local cur = redis.call('HMGET', meta, 'ts', 'seen', 'status', 'area')
+  local cur = redis.call('HMGET', meta, 'ts', 'seen', 'status', 'area', 'indexed')
   if cur[1] and cur[2] and now - tonumber(cur[2]) < ttl and tonumber(ts) < tonumber(cur[1]) then
     return nil
   end
   return cur
 end
+-- Collects area writes so that each key gets one multi-member ZADD / ZREM per script call
+-- (a redis.call costs about a microsecond whatever it carries). Later writes of a driver win.
+local function writes()
+  return {order = {}, geo = {}, status = {}, prev = {}}
+end
+local function note(w, id, score, st, pst, keep_seen)
+  if w.status[id] == nil then w.order[#w.order + 1] = id end
+  if st == 'offline' then w.geo[id] = false else w.geo[id] = score end
+  w.status[id] = st
+  w.touch = w.touch or {}
+  w.touch[id] = w.touch[id] or not keep_seen
+  if pst and pst ~= '' then
+    w.prev[id] = w.prev[id] or {}
+    w.prev[id][pst] = true
+  end
+end
+local function flush(w, geo, seen)
+  local gadd, grem = {}, {}
+  local sadd = {online = {}, busy = {}, offline = {}}
+  local srem = {online = {}, busy = {}, offline = {}}
+  for _, id in ipairs(w.order) do
+    local g = w.geo[id]
+    if g then gadd[#gadd + 1] = g; gadd[#gadd + 1] = id else grem[#grem + 1] = id end
+    local st = w.status[id]
+    if w.touch[id] then
+      local a = sadd[st]
+      a[#a + 1] = now; a[#a + 1] = id
+    end
+    if w.prev[id] then
+      for s, _ in pairs(w.prev[id]) do
+        if s ~= st and srem[s] then local r = srem[s]; r[#r + 1] = id end
+      end
+    end
+  end
+  if #gadd > 0 then redis.call('ZADD', geo, unpack(gadd)) end
+  if #grem > 0 then redis.call('ZREM', geo, unpack(grem)) end
+  for s, key in pairs(seen) do
+    if #srem[s] > 0 then redis.call('ZREM', key, unpack(srem[s])) end
+    if #sadd[s] > 0 then redis.call('ZADD', key, unpack(sadd[s])) end
+  end
+end
 "#;
 
 /// Standalone upsert: KEYS = geo, seen online/busy/offline, then one meta hash per position;
-/// ARGV = ttl ms, meta expiry ms, then 8 per position (id ts lat lon status speed heading
-/// accuracy). Returns 1 (applied) or 0 (stale) per position.
+/// ARGV = ttl ms, meta expiry ms, seen refresh ms, then 9 per position (id ts lat lon status speed heading
+/// accuracy geo-score). Returns 1 (applied) or 0 (stale) per position.
 const UPSERT_BODY: &str = r#"
-local ttl, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
-local geo = KEYS[1]
-local seen = {online = KEYS[2], busy = KEYS[3], offline = KEYS[4]}
+local ttl, keep, refresh = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local w = writes()
 local out = {}
 for i = 5, #KEYS do
   local meta = KEYS[i]
-  local a = 3 + (i - 5) * 8
-  local id, ts, lat, lon, st = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local a = 4 + (i - 5) * 9
+  local id, ts, st = ARGV[a], ARGV[a + 1], ARGV[a + 4]
   local cur = newer(meta, ts, ttl)
   if cur then
-    redis.call('HSET', meta, 'ts', ts, 'lat', lat, 'lon', lon, 'status', st, 'speed', ARGV[a + 5],
-      'heading', ARGV[a + 6], 'accuracy', ARGV[a + 7], 'seen', now)
-    redis.call('PEXPIRE', meta, keep)
-    if st == 'offline' then redis.call('ZREM', geo, id) else geoadd(geo, lat, lon, id) end
-    if cur[3] and cur[3] ~= st and seen[cur[3]] then redis.call('ZREM', seen[cur[3]], id) end
-    redis.call('ZADD', seen[st], now, id)
+    -- The seen set is refreshed only every `refresh` ms while the status stays the same: its
+    -- score lags the truth by less than that, which the sweep allows for.
+    local indexed = now
+    local keep_seen = cur[3] == st and cur[5] and now - tonumber(cur[5]) < refresh
+    if keep_seen then indexed = cur[5] end
+    redis.call('HSET', meta, 'ts', ts, 'lat', ARGV[a + 2], 'lon', ARGV[a + 3], 'status', st,
+      'speed', ARGV[a + 5], 'heading', ARGV[a + 6], 'accuracy', ARGV[a + 7], 'seen', now,
+      'indexed', indexed)
+    -- Same lag for the hash's expiry: it is pushed out whenever the seen set is refreshed, so it
+    -- still outlives the TTL by the grace period minus the refresh interval.
+    if not keep_seen then redis.call('PEXPIRE', meta, keep) end
+    note(w, id, ARGV[a + 8], st, cur[3], keep_seen)
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
   end
 end
+flush(w, KEYS[1], {online = KEYS[2], busy = KEYS[3], offline = KEYS[4]})
 return out
 "#;
 
 /// Cluster step 1, on one slot's meta hashes: KEYS = meta hashes; ARGV = ttl ms, meta expiry ms,
-/// then 9 per position (the 8 of [`UPSERT`] and the area). Returns per position: applied (1/0),
+/// then 10 per position (the 9 of [`UPSERT`] and the area). Returns per position: applied (1/0),
 /// previous area, previous status ('' when there was no previous state).
 const CAS_BODY: &str = r#"
 local ttl, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out = {}
 for i = 1, #KEYS do
   local meta = KEYS[i]
-  local a = 3 + (i - 1) * 9
+  local a = 3 + (i - 1) * 10
   local ts = ARGV[a + 1]
   local cur = newer(meta, ts, ttl)
   if cur then
     redis.call('HSET', meta, 'ts', ts, 'lat', ARGV[a + 2], 'lon', ARGV[a + 3], 'status', ARGV[a + 4],
       'speed', ARGV[a + 5], 'heading', ARGV[a + 6], 'accuracy', ARGV[a + 7], 'seen', now,
-      'area', ARGV[a + 8])
+      'area', ARGV[a + 9])
     redis.call('PEXPIRE', meta, keep)
     out[#out + 1] = 1
     out[#out + 1] = cur[4] or ''
@@ -116,34 +161,36 @@ end
 return out
 "#;
 
-/// Cluster step 2, on one slot's areas: KEYS = 4 per area (geo, seen online/busy/offline); ARGV = 7
-/// per operation: area number (1-based), 'add' or 'del', id, lat, lon, status, previous status in
-/// this area ('' none, '*' unknown). 'del' removes the driver from the area's four keys.
+/// Cluster step 2, on one slot's areas: KEYS = 4 per area (geo, seen online/busy/offline); ARGV = 5
+/// per operation: area number (1-based), id, geo score, status, previous status in this area
+/// ('' none, '*' unknown); status 'del' removes the driver from the area's four keys.
 const AREA_BODY: &str = r#"
 local names = {'online', 'busy', 'offline'}
-for a = 1, #ARGV, 7 do
-  local g = (tonumber(ARGV[a]) - 1) * 4
-  local geo = KEYS[g + 1]
-  local seen = {online = KEYS[g + 2], busy = KEYS[g + 3], offline = KEYS[g + 4]}
-  local op, id, lat, lon, st, pst = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
-  if op == 'add' then
-    if st == 'offline' then redis.call('ZREM', geo, id) else geoadd(geo, lat, lon, id) end
-    if pst == '*' then
-      for _, s in ipairs(names) do if s ~= st then redis.call('ZREM', seen[s], id) end end
-    elseif pst ~= '' and pst ~= st and seen[pst] then
-      redis.call('ZREM', seen[pst], id)
-    end
-    redis.call('ZADD', seen[st], now, id)
+local areas = {}
+for a = 1, #ARGV, 5 do
+  local g = tonumber(ARGV[a])
+  local id, score, st, pst = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local k = (g - 1) * 4
+  if st == 'del' then
+    redis.call('ZREM', KEYS[k + 1], id)
+    for s = 1, 3 do redis.call('ZREM', KEYS[k + 1 + s], id) end
   else
-    redis.call('ZREM', geo, id)
-    for _, s in ipairs(names) do redis.call('ZREM', seen[s], id) end
+    areas[g] = areas[g] or writes()
+    if pst == '*' then
+      for _, s in ipairs(names) do note(areas[g], id, score, st, s) end
+    end
+    note(areas[g], id, score, st, pst)
   end
+end
+for g, w in pairs(areas) do
+  local k = (g - 1) * 4
+  flush(w, KEYS[k + 1], {online = KEYS[k + 2], busy = KEYS[k + 3], offline = KEYS[k + 4]})
 end
 return 1
 "#;
 
-/// The expiry sweep of one area: KEYS = geo, seen online/busy/offline; ARGV = ttl ms, limit.
-/// Removes drivers last seen a TTL ago or earlier from the seen set and the GEO set; returns
+/// The expiry sweep of one area: KEYS = geo, seen online/busy/offline; ARGV = age ms (the TTL plus
+/// the seen refresh interval), limit. Removes drivers whose seen score is that old or older from the seen set and the GEO set; returns
 /// `{more, id, status, id, status, ...}` (more = 1 when a limit was hit). A driver that is still
 /// fresh in another seen set of the area (its status changed after its meta hash was gone) stays
 /// in the GEO set and is not reported.
@@ -281,4 +328,32 @@ pub fn float(value: &Value) -> Result<f64, RedisLiveError> {
             .parse()
             .map_err(|_| RedisLiveError::Reply("expected a number".into())),
     }
+}
+
+/// Redis' GEO latitude limit (Web Mercator).
+const GEO_LAT_LIMIT: f64 = 85.051_128_78;
+
+/// The score `GEOADD` would give a point: Redis' 52-bit geohash (`geohashEncodeWGS84`: 26 bits
+/// each, latitude bits interleaved at even positions, longitude at odd ones). Latitudes beyond
+/// ±85.05112878° are clamped, as Redis cannot store them.
+pub fn geo_score(lat_e6: i32, lon_e6: i32) -> u64 {
+    const STEP: u32 = 26;
+    let lat = (lat_e6 as f64 / 1e6).clamp(-GEO_LAT_LIMIT, GEO_LAT_LIMIT);
+    let lon = (lon_e6 as f64 / 1e6).clamp(-180.0, 180.0);
+    let max = (1u64 << STEP) - 1;
+    let lat_offset = (lat + GEO_LAT_LIMIT) / (2.0 * GEO_LAT_LIMIT) * (1u64 << STEP) as f64;
+    let lon_offset = (lon + 180.0) / 360.0 * (1u64 << STEP) as f64;
+    let y = (lat_offset as u64).min(max);
+    let x = (lon_offset as u64).min(max);
+    spread(y) | spread(x) << 1
+}
+
+/// Spreads the low 32 bits of `v` to the even bit positions.
+fn spread(v: u64) -> u64 {
+    let mut v = v & 0xFFFF_FFFF;
+    v = (v | (v << 16)) & 0x0000_FFFF_0000_FFFF;
+    v = (v | (v << 8)) & 0x00FF_00FF_00FF_00FF;
+    v = (v | (v << 4)) & 0x0F0F_0F0F_0F0F_0F0F;
+    v = (v | (v << 2)) & 0x3333_3333_3333_3333;
+    (v | (v << 1)) & 0x5555_5555_5555_5555
 }

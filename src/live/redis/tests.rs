@@ -126,6 +126,14 @@ async fn offline_is_kept_but_not_searched(target: &RedisTarget) {
     assert_eq!(live.get("d2").await.unwrap(), Some(off));
     let counts = live.counts().await.unwrap();
     assert_eq!((counts.online, counts.busy, counts.offline), (0, 0, 1));
+    // Status changes inside one batch, then repeats within the seen refresh interval.
+    let busy = |ts| pos("d2", 31_230_500, 121_473_700, Status::Busy, T0 + ts);
+    let online = pos("d2", 31_230_500, 121_473_700, Status::Online, T0 + 2);
+    live.upsert(&[online, busy(3), busy(4)]).await.unwrap();
+    live.upsert(&[busy(5)]).await.unwrap();
+    let counts = live.counts().await.unwrap();
+    assert_eq!((counts.online, counts.busy, counts.offline), (0, 1, 0));
+    assert_eq!(live.nearby(&q).await.unwrap().len(), 1);
 }
 
 fn statuses(rng: &mut StdRng) -> StatusSet {
@@ -456,4 +464,47 @@ async fn outage_fails_fast_and_recovers() {
     assert_eq!(live.get("o1").await.unwrap(), Some(p));
     assert_eq!(live.nearby(&q).await.unwrap().len(), 1);
     assert!(live.ping().await);
+}
+
+#[tokio::test]
+async fn geo_scores_match_geoadd() {
+    let server = RedisServer::start();
+    let live = fresh(&standalone_target(&server), TTL).await;
+    let mut conn = live.conn();
+    let mut rng = StdRng::seed_from_u64(3);
+    // (Exactly ±85.05112878° is an edge, like longitude 180°, where GEOADD overflows 52 bits; ours clamps to the last
+    // cell instead.)
+    let mut points: Vec<(i32, i32)> = vec![
+        (0, 0),
+        (85_000_000, 179_999_999),
+        (-85_000_000, -180_000_000),
+    ];
+    points.extend((0..500).map(|_| {
+        (
+            rng.random_range(-85_000_000..85_000_000),
+            rng.random_range(-180_000_000..180_000_000),
+        )
+    }));
+    for (i, (lat, lon)) in points.into_iter().enumerate() {
+        let _: Value = redis::cmd("GEOADD")
+            .arg("g")
+            .arg(lon as f64 / 1e6)
+            .arg(lat as f64 / 1e6)
+            .arg(i)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let score: f64 = redis::cmd("ZSCORE")
+            .arg("g")
+            .arg(i)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let ours = scripts::geo_score(lat, lon) as f64;
+        // Exact or (float rounding at a cell edge) the neighbouring cell.
+        assert!(
+            (score - ours).abs() <= 3.0,
+            "{lat},{lon}: redis {score} ours {ours}"
+        );
+    }
 }

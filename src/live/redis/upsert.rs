@@ -59,7 +59,7 @@ impl Shared {
             keys.extend(area_keys.iter().cloned());
             keys.extend(chunk.iter().map(|p| self.layout.meta_key(&p.driver_id)));
             let mut cmd = scripts::evalsha(&scripts::UPSERT, &keys);
-            cmd.arg(self.ttl_ms).arg(self.keep_ms);
+            cmd.arg(self.ttl_ms).arg(self.keep_ms).arg(self.refresh_ms);
             for p in chunk {
                 meta::push_args(&mut cmd, p);
             }
@@ -153,11 +153,9 @@ impl Shared {
             for op in &group {
                 let p = &batch[op.position];
                 cmd.arg(index[op.area])
-                    .arg(if op.add { "add" } else { "del" })
                     .arg(p.driver_id.as_str())
-                    .arg(p.lat_e6)
-                    .arg(p.lon_e6)
-                    .arg(p.status.as_str())
+                    .arg(scripts::geo_score(p.lat_e6, p.lon_e6))
+                    .arg(if op.add { p.status.as_str() } else { "del" })
                     .arg(op.prev_status);
             }
             let mut conn = self.conn();
