@@ -20,6 +20,24 @@
   const RATE_WINDOW_S = 5;
   const SPARK_S = 60;
 
+  // ---------------------------------------------------------------- API key
+  // With authentication on, open the map as `/#key=<reader key>`: the key is kept in this tab's
+  // session storage (never sent in a URL except the stream's `access_token`, which browsers' WebSockets
+  // need) and removed from the address bar.
+  const API_KEY = (() => {
+    const match = /(?:^#|&)key=([^&]+)/.exec(location.hash);
+    if (match) {
+      sessionStorage.setItem('fleettracker-key', decodeURIComponent(match[1]));
+      history.replaceState(null, '', location.pathname + location.search);
+    }
+    return sessionStorage.getItem('fleettracker-key');
+  })();
+  const apiHeaders = () => {
+    const headers = { accept: 'application/json' };
+    if (API_KEY) headers.authorization = `Bearer ${API_KEY}`;
+    return headers;
+  };
+
   // ---------------------------------------------------------------- projection (Web Mercator)
 
   const worldSize = (z) => TILE * Math.pow(2, z);
@@ -538,6 +556,7 @@
     url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
     url.searchParams.set('bbox', bbox.join(','));
     if (minIntervalMs) url.searchParams.set('min_interval_ms', String(minIntervalMs));
+    if (API_KEY) url.searchParams.set('access_token', API_KEY);
     if (connState !== 'reconnecting') setConn('connecting', 'Connecting');
     const ws = new WebSocket(url);
     socket = ws;
@@ -684,7 +703,7 @@
     let state;
     let points = [];
     try {
-      const response = await fetch(url, { headers: { accept: 'application/json' } });
+      const response = await fetch(url, { headers: apiHeaders() });
       if (response.ok) {
         const body = await response.json();
         points = body.points.map((p) => ({ lat: p.latitude, lon: p.longitude, t: Date.parse(p.timestamp) }));
@@ -847,7 +866,7 @@
 
   async function pollStats() {
     try {
-      const response = await fetch('/v1/stats', { headers: { accept: 'application/json' } });
+      const response = await fetch('/v1/stats', { headers: apiHeaders() });
       if (!response.ok) return;
       const s = await response.json();
       const now = performance.now();
