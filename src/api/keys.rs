@@ -84,7 +84,11 @@ pub async fn create(
                 .into(),
         ));
     }
-    if input.tenant.as_deref().is_some_and(|t| t != caller.tenant.as_str()) {
+    if input
+        .tenant
+        .as_deref()
+        .is_some_and(|t| t != caller.tenant.as_str())
+    {
         return Err(ApiError::Forbidden(
             "an admin key manages only its own tenant".into(),
         ));

@@ -297,7 +297,7 @@ async fn a_websocket_client_changes_its_area_without_reconnecting() {
 }
 
 /// An SSE response read event by event.
-struct Sse {
+pub(crate) struct Sse {
     response: reqwest::Response,
     buffer: String,
 }
@@ -310,7 +310,8 @@ enum Event {
 }
 
 impl Sse {
-    async fn open(s: &Server, query: &str) -> Sse {
+    // (used by the trust tests too)
+    pub(crate) async fn open(s: &Server, query: &str) -> Sse {
         let response = s.get(&format!("/v1/stream/sse?{query}")).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["content-type"], "text/event-stream");
@@ -338,7 +339,7 @@ impl Sse {
     }
 
     /// The next `data:` message (comments skipped).
-    async fn next(&mut self) -> Value {
+    pub(crate) async fn next(&mut self) -> Value {
         loop {
             match self.next_event().await.expect("the stream ended") {
                 Event::Data(None, data) => return data,

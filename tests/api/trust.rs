@@ -372,10 +372,14 @@ async fn sanity_filters_reject_count_and_record_anomalies() {
         let line = format!("positions_rejected_total{{reason=\"{reason}\"}} 1");
         assert!(metrics.contains(&line), "{line} missing");
     }
-    eventually(Duration::from_secs(5), "the anomaly is recorded", || async {
-        let found = json(s.get("/v1/anomalies?driver_id=car").await).await;
-        found["anomalies"].as_array().is_some_and(|a| !a.is_empty())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the anomaly is recorded",
+        || async {
+            let found = json(s.get("/v1/anomalies?driver_id=car").await).await;
+            found["anomalies"].as_array().is_some_and(|a| !a.is_empty())
+        },
+    )
     .await;
     let anomalies = json(s.get("/v1/anomalies?driver_id=car").await).await;
     let a = &anomalies["anomalies"][0];
@@ -491,4 +495,71 @@ async fn metrics_can_require_a_key() {
     )
     .await;
     assert_eq!(get(&s, &reader, "/metrics").await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn tenants_are_isolated_on_sse_device_sockets_and_anomalies() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let keys = Keys::new();
+    let (acme_device, _) = keys.create("acme", "device", &["--driver", "d1"]);
+    let (acme_reader, _) = keys.create("acme", "reader", &[]);
+    let (zeta_device, _) = keys.create("zeta", "device", &["--driver", "d1"]);
+    let (zeta_reader, _) = keys.create("zeta", "reader", &[]);
+    // The impossible-speed filter stays on: it makes the anomaly.
+    let s = keys.serve(&["--no-filter", "too-old"]);
+
+    // A device socket writes in its own tenant only.
+    let (mut device, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{}/v1/ingest?access_token={acme_device}",
+        s.addr
+    ))
+    .await
+    .expect("device socket");
+    device
+        .send(Message::text(fix("d1", 31.2, 121.4).to_string()))
+        .await
+        .unwrap();
+    let ack = loop {
+        if let Some(Ok(Message::Text(t))) = device.next().await {
+            break serde_json::from_str::<Value>(&t).unwrap();
+        }
+    };
+    assert_eq!(ack["accepted"], 1, "{ack}");
+    let r = get(&s, &zeta_reader, "/v1/drivers/d1").await;
+    assert_error(r, StatusCode::NOT_FOUND, "not_found").await;
+
+    // SSE: zeta's subscriber sees none of acme's drivers, then only its own updates.
+    let mut sse = crate::streams::Sse::open(
+        &s,
+        &format!("bbox=121.0,31.0,122.0,32.0&access_token={zeta_reader}"),
+    )
+    .await;
+    let snapshot = sse.next().await;
+    assert_eq!(snapshot["drivers"], json!([]), "{snapshot}");
+    post(
+        &s,
+        &acme_device,
+        "/v1/locations",
+        &fix("d1", 31.2001, 121.4),
+    )
+    .await;
+    post(&s, &zeta_device, "/v1/locations", &fix("d1", 31.5, 121.5)).await;
+    let m = sse.next().await;
+    assert_eq!(m["latitude"], 31.5, "{m}");
+
+    // Anomalies: zeta's impossible jump is zeta's alone.
+    let r = post(&s, &zeta_device, "/v1/locations", &fix("d1", 35.0, 121.5)).await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    eventually(
+        Duration::from_secs(5),
+        "zeta's anomaly is recorded",
+        || async {
+            let found = json(get(&s, &zeta_reader, "/v1/anomalies").await).await;
+            found["anomalies"].as_array().is_some_and(|a| a.len() == 1)
+        },
+    )
+    .await;
+    let acme = json(get(&s, &acme_reader, "/v1/anomalies").await).await;
+    assert_eq!(acme["anomalies"], json!([]), "{acme}");
 }
