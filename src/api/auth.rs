@@ -29,17 +29,22 @@ use crate::trust::keys::{AuthError, KeyStore, Principal, Role};
 use crate::trust::limiter::{LimitConfig, Limited, RateLimiter};
 use crate::trust::metrics::TrustMetrics;
 use crate::trust::signing;
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, Method};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use compact_str::CompactString;
+use futures_util::future::Either;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
+use tower::{Layer, Service};
 
 /// The trust state of the service.
 pub struct Trust {
@@ -345,18 +350,81 @@ fn need(method: &Method, path: &str, metrics_key_required: bool) -> Need {
     }
 }
 
-/// The middleware: see the module docs.
-pub async fn authenticate(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
+/// The trust gate around every route (see the module docs), as a hand-written layer: in open mode,
+/// and for open endpoints, a request goes straight through (no allocation, no principal: the
+/// [`Caller`] extractor stands in the open-mode principal); otherwise it is authenticated, its role
+/// checked, a reader key's bucket charged, and POSTs pass the write guard (signature,
+/// Idempotency-Key).
+#[derive(Clone)]
+pub struct TrustLayer {
+    pub state: AppState,
+}
+
+impl<S> Layer<S> for TrustLayer {
+    type Service = Gate<S>;
+
+    fn layer(&self, inner: S) -> Gate<S> {
+        Gate {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Gate<S> {
+    inner: S,
+    state: AppState,
+}
+
+type Slow = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl<S> Service<Request> for Gate<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<S::Future, Slow>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let trust = &self.state.trust;
+        let need = need(
+            request.method(),
+            request.uri().path(),
+            trust.metrics_key_required,
+        );
+        let keyed_post =
+            request.method() == Method::POST && request.headers().contains_key("idempotency-key");
+        let straight =
+            need == Need::Nothing || (trust.is_open() && need != Need::Admin && !keyed_post);
+        if straight {
+            return Either::Left(self.inner.call(request));
+        }
+        // The clone that was made ready goes with this request (tower's usual swap).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let state = self.state.clone();
+        Either::Right(Box::pin(async move {
+            let answer = match authenticate(&state, request, need) {
+                Ok(request) => super::write_guard::guard_writes(&state, request, inner).await,
+                Err(e) => Err(e),
+            };
+            Ok(answer.unwrap_or_else(IntoResponse::into_response))
+        }))
+    }
+}
+
+/// Authenticates and authorises a request that needs a key; puts the [`Principal`] in its
+/// extensions.
+fn authenticate(state: &AppState, request: Request, need: Need) -> Result<Request, ApiError> {
     let trust = &state.trust;
     let (mut parts, body) = request.into_parts();
-    let need = need(&parts.method, parts.uri.path(), trust.metrics_key_required);
-    if need == Need::Nothing {
-        return Ok(next.run(Request::from_parts(parts, body)).await);
-    }
     let streams = parts.uri.path().starts_with("/v1/stream") || parts.uri.path() == "/v1/ingest";
     let caller = trust.principal(&parts, streams).map_err(|e| {
         trust.metrics.auth_failure(e);
@@ -382,7 +450,7 @@ pub async fn authenticate(
         }
     }
     parts.extensions.insert(caller);
-    Ok(next.run(Request::from_parts(parts, body)).await)
+    Ok(Request::from_parts(parts, body))
 }
 
 /// Verifies `X-Signature` of a write when the caller's key has a signing secret (401 otherwise).
@@ -409,19 +477,25 @@ pub fn verify_signature(
     })
 }
 
-/// The authenticated caller, as a handler argument.
+/// The authenticated caller, as a handler argument: the gate's principal, or in open mode (where
+/// the gate lets requests straight through) the open-mode principal.
 pub struct Caller(pub Principal);
 
-impl<S: Send + Sync> FromRequestParts<S> for Caller {
+impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        parts
-            .extensions
-            .get::<Principal>()
-            .cloned()
-            .map(Caller)
-            .ok_or(ApiError::Internal)
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(caller) = parts.extensions.get::<Principal>() {
+            return Ok(Caller(caller.clone()));
+        }
+        let trust = &state.trust;
+        if trust.is_open() {
+            return Ok(Caller(trust.open_principal.clone()));
+        }
+        // A key was created between the gate and here: authenticate as the gate would have.
+        Err(ApiError::Unauthorized(
+            "an API key is required (the server just left open mode); retry with one".into(),
+        ))
     }
 }
 

@@ -62,15 +62,9 @@ pub fn router_with(
         .merge(map::routes(map))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
-        // Layers run bottom-up: the caller is known before the write guard reads it.
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            write_guard::guard_writes,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::authenticate,
-        ))
+        .layer(auth::TrustLayer {
+            state: state.clone(),
+        })
         .layer(observe::ObserveLayer {
             metrics: state.tracker.metrics().clone(),
         })

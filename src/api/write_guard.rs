@@ -20,22 +20,26 @@ use super::AppState;
 use crate::trust::idempotency::{fingerprint, is_storable, parse_key, Begin, StoredResponse};
 use crate::trust::keys::Principal;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderValue, Method};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use std::convert::Infallible;
 use std::time::Instant;
+use tower::Service;
 
 /// Largest answer kept for replay (ours are small JSON documents).
 const MAX_STORED_BODY: usize = 256 * 1024;
 
-pub async fn guard_writes(
-    State(state): State<AppState>,
+pub async fn guard_writes<S>(
+    state: &AppState,
     request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
+    mut next: S,
+) -> Result<Response, ApiError>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
     if request.method() != Method::POST {
-        return Ok(next.run(request).await);
+        return Ok(run(&mut next, request).await);
     }
     let caller = request.extensions().get::<Principal>().cloned();
     let idempotency_key = match request.headers().get("idempotency-key") {
@@ -53,7 +57,7 @@ pub async fn guard_writes(
     };
     let signed = caller.as_ref().is_some_and(|c| c.signing_secret.is_some());
     if idempotency_key.is_none() && !signed {
-        return Ok(next.run(request).await);
+        return Ok(run(&mut next, request).await);
     }
     let (parts, body) = request.into_parts();
     let bytes = read_body_of(body).await?;
@@ -61,9 +65,7 @@ pub async fn guard_writes(
         verify_signature(&state.trust, caller, &parts.headers, &bytes)?;
     }
     let Some(key) = idempotency_key else {
-        return Ok(next
-            .run(Request::from_parts(parts, Body::from(bytes)))
-            .await);
+        return Ok(run(&mut next, Request::from_parts(parts, Body::from(bytes))).await);
     };
     let scope = caller.as_ref().map_or("open", |c| c.key_id.as_str());
     let print = fingerprint(parts.method.as_str(), parts.uri.path(), &bytes);
@@ -74,9 +76,7 @@ pub async fn guard_writes(
         Begin::Mismatch => return Err(ApiError::IdempotencyKeyReused),
         Begin::InFlight => return Err(ApiError::IdempotencyInFlight),
     };
-    let response = next
-        .run(Request::from_parts(parts, Body::from(bytes)))
-        .await;
+    let response = run(&mut next, Request::from_parts(parts, Body::from(bytes))).await;
     let status = response.status().as_u16();
     if !is_storable(status) {
         return Ok(response); // the guard drops: a retry may run again
@@ -98,6 +98,17 @@ pub async fn guard_writes(
     };
     cache.complete(guard, stored, Instant::now());
     Ok(Response::from_parts(head, Body::from(body)))
+}
+
+/// Calls the wrapped service (its errors are `Infallible`).
+async fn run<S>(service: &mut S, request: Request) -> Response
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    match service.call(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    }
 }
 
 fn replay(stored: &StoredResponse) -> Response {
