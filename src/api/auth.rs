@@ -191,7 +191,11 @@ impl Trust {
             .iter()
             .map(|(_, p)| tenant::internal(&caller.tenant, &p.driver_id))
             .collect();
-        let previous = tracker.latest_of(&ids).await?;
+        let previous = if self.filters.needs_previous() {
+            tracker.latest_of(&ids).await?
+        } else {
+            vec![None; ids.len()]
+        };
         let now = now_micros();
         let mut newest: HashMap<DriverId, Position> = HashMap::new();
         let several = positions.len() > 1;
@@ -234,6 +238,63 @@ impl Trust {
             }
         }
         Ok(admitted)
+    }
+
+    /// [`Trust::admit`] for a request of one position, without the batch's bookkeeping (the
+    /// hottest path of the service): `Ok(None)` for a duplicate (accepted, not stored), a 422 for a
+    /// filter's rejection.
+    pub async fn admit_one(
+        &self,
+        caller: &Principal,
+        mut position: Position,
+        tracker: &crate::tracker::Tracker,
+    ) -> Result<Option<Position>, ApiError> {
+        if !caller.can_write_driver(&position.driver_id) {
+            self.metrics.forbidden();
+            return Err(ApiError::Forbidden(format!(
+                "this key may not report positions of driver {}",
+                position.driver_id
+            )));
+        }
+        if caller.role == Role::Device {
+            let key = (caller.key_id.clone(), position.driver_id.clone());
+            if let Err(limited) = self.devices.check(&key, 1, Instant::now()) {
+                self.metrics.rate_limited(Role::Device);
+                let what = format!("driver {}", position.driver_id);
+                return Err(rate_limited(limited, &what));
+            }
+        }
+        let id = tenant::internal(&caller.tenant, &position.driver_id);
+        let previous = if self.filters.needs_previous() {
+            tracker.driver(&id).await?.map(|p| Position {
+                driver_id: position.driver_id.clone(),
+                ..p
+            })
+        } else {
+            None
+        };
+        let now = now_micros();
+        match self.filters.check(&position, previous.as_ref(), now) {
+            Verdict::Accept => {
+                position.driver_id = id;
+                Ok(Some(position))
+            }
+            Verdict::Duplicate => {
+                self.metrics.duplicate();
+                Ok(None)
+            }
+            Verdict::Reject { reason, evidence } => {
+                self.metrics.rejected(reason);
+                if let Some(evidence) = evidence {
+                    self.record_anomaly(caller, &position, reason, &evidence, now);
+                }
+                let error = self.filters.field_error(reason);
+                Err(ApiError::validation(
+                    format!("{} {}", error.field, error.message),
+                    vec![error],
+                ))
+            }
+        }
     }
 
     fn limit_devices(

@@ -87,18 +87,12 @@ pub async fn post_location(
     let received_at = now_micros();
     let position = validate_position(&input, received_at)
         .map_err(|errors| ApiError::validation(summary(&errors), errors))?;
-    let admitted = state
+    if let Some(position) = state
         .trust
-        .admit(&caller, vec![(0, position)], &state.tracker)
-        .await?;
-    if let Some((_, error)) = admitted.rejected.into_iter().next() {
-        return Err(ApiError::validation(
-            format!("{} {}", error.field, error.message),
-            vec![error],
-        ));
-    }
-    if !admitted.positions.is_empty() {
-        state.tracker.apply(admitted.positions, received_at).await?;
+        .admit_one(&caller, position, &state.tracker)
+        .await?
+    {
+        state.tracker.apply(vec![position], received_at).await?;
     }
     state.trust.count_accepted(&caller.tenant, 1);
     Ok(accepted_one())

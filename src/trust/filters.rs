@@ -207,6 +207,12 @@ impl SanityFilters {
         FieldError::new(reason.field(), message)
     }
 
+    /// Whether any filter compares a fix with the driver's previous one (speed, duplicates): when
+    /// none does, the caller need not read it.
+    pub fn needs_previous(&self) -> bool {
+        self.max_speed_mps.is_some() || self.duplicates
+    }
+
     /// Judges `new` given the driver's latest stored fix (`previous`, ignored if it belongs to
     /// another driver) and the server clock `now`. Pure and panic-free for any input.
     pub fn check(&self, new: &Position, previous: Option<&Position>, now: Micros) -> Verdict {
