@@ -8,6 +8,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use serde::de::DeserializeOwned;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -108,19 +109,24 @@ pub async fn read_body(req: Request) -> Result<Bytes, ApiError> {
 /// [`read_body`] of a body taken out of its request.
 pub async fn read_body_of(body: axum::body::Body) -> Result<Bytes, ApiError> {
     let limit = body_timeout();
-    let read = axum::body::to_bytes(body, MAX_BODY_BYTES);
-    tokio::time::timeout(limit, read)
-        .await
-        .map_err(|_| ApiError::RequestTimeout(limit))?
-        .map_err(|e| {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::MalformedJson(format!("could not read the request body: {e}"))
-            }
-        })
+    let mut read = std::pin::pin!(axum::body::to_bytes(body, MAX_BODY_BYTES));
+    // Usually the body came with the head: only a body still arriving gets a timer.
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await;
+    let result = match first {
+        std::task::Poll::Ready(result) => result,
+        std::task::Poll::Pending => tokio::time::timeout(limit, read)
+            .await
+            .map_err(|_| ApiError::RequestTimeout(limit))?,
+    };
+    result.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::MalformedJson(format!("could not read the request body: {e}"))
+        }
+    })
 }
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
