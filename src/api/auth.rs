@@ -440,6 +440,9 @@ pub struct Gate<S> {
 
 type Slow = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
+static IDEMPOTENCY_KEY: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("idempotency-key");
+
 impl<S> Service<Request> for Gate<S>
 where
     S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
@@ -455,15 +458,16 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         let trust = &self.state.trust;
-        let need = need(
-            request.method(),
-            request.uri().path(),
-            trust.metrics_key_required,
-        );
+        let path = request.uri().path();
         let keyed_post =
-            request.method() == Method::POST && request.headers().contains_key("idempotency-key");
-        let straight =
-            need == Need::Nothing || (trust.is_open() && need != Need::Admin && !keyed_post);
+            request.method() == Method::POST && request.headers().contains_key(&IDEMPOTENCY_KEY);
+        // Open mode: only key management and keyed POSTs need the slow path.
+        let (straight, need) = if trust.is_open() && !keyed_post && !path.starts_with("/v1/keys") {
+            (true, Need::Nothing)
+        } else {
+            let need = need(request.method(), path, trust.metrics_key_required);
+            (need == Need::Nothing, need)
+        };
         if straight {
             return Either::Left(self.inner.call(request));
         }
