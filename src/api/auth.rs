@@ -79,9 +79,10 @@ impl Trust {
         settings: TrustSettings,
         metrics: &crate::metrics::Metrics,
     ) -> Trust {
+        let open = !keys.list(None).iter().any(|k| k.revoked_at.is_none());
         let trust = Trust {
             keys,
-            open: AtomicBool::new(true),
+            open: AtomicBool::new(open),
             metrics_key_required: settings.metrics_key_required,
             readers: RateLimiter::new(settings.readers),
             devices: RateLimiter::new(settings.devices),
@@ -101,9 +102,14 @@ impl Trust {
         self.open.load(Ordering::Relaxed)
     }
 
+    /// Open mode ends when the first key appears and never comes back while the process runs:
+    /// revoking every key of a server started with keys (possibly on a public address) must lock
+    /// it, not open it.
     fn refresh_mode(&self) {
         let any_key = self.keys.list(None).iter().any(|k| k.revoked_at.is_none());
-        self.open.store(!any_key, Ordering::Relaxed);
+        if any_key {
+            self.open.store(false, Ordering::Relaxed);
+        }
     }
 
     pub fn keys(&self) -> &KeyStore {

@@ -264,6 +264,18 @@ async fn admins_create_and_revoke_keys_over_the_api() {
     assert_eq!(r.status(), StatusCode::OK);
     let r = post(&s, &token, "/v1/locations", &fix("v1", 31.2, 121.4)).await;
     assert_error(r, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    // Revoking every key locks the server; it never falls back to open mode.
+    let admin_id = admin.split('_').nth(1).unwrap();
+    let r = auth(
+        s.client.delete(s.url(&format!("/v1/keys/{admin_id}"))),
+        &admin,
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = s.post_json("/v1/locations", &fix("v1", 31.2, 121.4)).await;
+    assert_error(r, StatusCode::UNAUTHORIZED, "unauthorized").await;
 }
 
 #[tokio::test]
