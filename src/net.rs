@@ -16,7 +16,6 @@
 use crate::config::ConnectionLimits;
 use crate::metrics::Metrics;
 use anyhow::Context;
-use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::path::Path;
@@ -86,7 +85,7 @@ impl Endpoint {
     pub async fn serve(
         &self,
         listener: TcpListener,
-        app: Router,
+        app: crate::api::App,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         let draining = CancellationToken::new();
@@ -162,7 +161,7 @@ impl Endpoint {
 async fn serve_one<IO>(
     http: &hyper::server::conn::http1::Builder,
     io: IO,
-    app: Router,
+    app: crate::api::App,
     draining: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,

@@ -449,10 +449,12 @@ type Slow = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 static IDEMPOTENCY_KEY: axum::http::HeaderName =
     axum::http::HeaderName::from_static("idempotency-key");
 
-impl<S> Service<Request> for Gate<S>
+impl<S, B> Service<axum::http::Request<B>> for Gate<S>
 where
     S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    B: axum::body::HttpBody<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
 {
     type Response = Response;
     type Error = Infallible;
@@ -462,7 +464,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let request = request.map(axum::body::Body::new);
         let trust = &self.state.trust;
         let path = request.uri().path();
         let keyed_post =

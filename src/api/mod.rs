@@ -12,7 +12,7 @@ pub mod ingest;
 pub mod keys;
 pub mod locations;
 pub mod map;
-mod observe;
+pub mod observe;
 pub mod ops;
 mod socket;
 pub mod stream;
@@ -32,12 +32,12 @@ pub struct AppState {
     pub trust: Arc<auth::Trust>,
 }
 
-/// The whole application, ready to serve; `map` configures the live map page at `/`.
-pub fn router_with(
-    tracker: Arc<Tracker>,
-    trust: Arc<auth::Trust>,
-    map: map::MapSettings,
-) -> Router {
+/// The whole application behind its trust gate, ready to serve. The gate wraps the router once: a
+/// route layer would be cloned and dropped with its route on every request.
+pub type App = observe::Observe<auth::Gate<Router>>;
+
+/// The whole application; `map` configures the live map page at `/`.
+pub fn router_with(tracker: Arc<Tracker>, trust: Arc<auth::Trust>, map: map::MapSettings) -> App {
     let state = AppState { tracker, trust };
     let api = Router::new()
         .route("/v1/locations", post(locations::post_location))
@@ -56,16 +56,15 @@ pub fn router_with(
         .route("/v1/keys", get(keys::list).post(keys::create))
         .route("/v1/keys/{key_id}", axum::routing::delete(keys::revoke))
         .with_state(state.clone());
-    Router::new()
+    let router = Router::new()
         .merge(SwaggerUi::new("/docs").url("/openapi.json", docs::openapi()))
         .merge(api)
         .merge(map::routes(map))
         .fallback(ops::not_found)
-        .method_not_allowed_fallback(ops::method_not_allowed)
-        .layer(auth::TrustLayer {
-            state: state.clone(),
-        })
-        .layer(observe::ObserveLayer {
-            metrics: state.tracker.metrics().clone(),
-        })
+        .method_not_allowed_fallback(ops::method_not_allowed);
+    let observe = observe::ObserveLayer {
+        metrics: state.tracker.metrics().clone(),
+    };
+    let gated = tower::Layer::layer(&auth::TrustLayer { state }, router);
+    tower::Layer::layer(&observe, gated)
 }

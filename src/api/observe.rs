@@ -8,7 +8,7 @@
 
 use super::error::ApiError;
 use crate::metrics::Metrics;
-use axum::extract::{MatchedPath, Request};
+use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
@@ -51,11 +51,28 @@ const ROUTES: &[&str] = &[
     "/map/config.json",
 ];
 
-fn route_label(matched: Option<&MatchedPath>) -> &'static str {
-    matched
-        .and_then(|m| ROUTES.iter().find(|r| **r == m.as_str()))
-        .copied()
-        .unwrap_or("unmatched")
+/// The route template a path falls under, matched like the router does (the layer runs outside
+/// the router, before it has matched anything). Paths no route takes are `unmatched`.
+fn route_label(path: &str) -> &'static str {
+    if let Some(exact) = ROUTES.iter().find(|r| **r == path) {
+        return exact;
+    }
+    let segment = |s: &str| !s.is_empty() && !s.contains('/');
+    if let Some(rest) = path.strip_prefix("/v1/drivers/") {
+        if segment(rest) {
+            return "/v1/drivers/{driver_id}";
+        }
+        if rest.strip_suffix("/track").is_some_and(segment) {
+            return "/v1/drivers/{driver_id}/track";
+        }
+    }
+    if path.strip_prefix("/v1/keys/").is_some_and(segment) {
+        return "/v1/keys/{key_id}";
+    }
+    if path.starts_with("/docs/") {
+        return "/docs/{*rest}";
+    }
+    "unmatched"
 }
 
 fn method_label(method: &Method) -> &'static str {
@@ -121,10 +138,12 @@ pub struct Observe<S> {
     metrics: Metrics,
 }
 
-impl<S> Service<Request> for Observe<S>
+impl<S, B> Service<axum::http::Request<B>> for Observe<S>
 where
     S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
+    B: axum::body::HttpBody<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
 {
     type Response = Response;
     type Error = Infallible;
@@ -134,12 +153,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let request = request.map(axum::body::Body::new);
         let started = Instant::now();
         let id =
             caller_request_id(request.headers().get(&REQUEST_ID)).unwrap_or_else(new_request_id);
         let method = method_label(request.method());
-        let route = route_label(request.extensions().get::<MatchedPath>());
+        let route = route_label(request.uri().path());
         // Display (`%`), not Debug: Debug escapes the text char by char, measurably on this path.
         let span = tracing::info_span!("request", request_id = %id.to_str().unwrap_or(""));
         let handled = AssertUnwindSafe(self.inner.call(request)).catch_unwind();
@@ -183,6 +203,22 @@ mod tests {
         let long = HeaderValue::from_str(&"x".repeat(129)).unwrap();
         assert_eq!(caller_request_id(Some(&long)), None);
         assert_eq!(caller_request_id(None), None);
+    }
+
+    #[test]
+    fn paths_fall_under_their_route_templates() {
+        assert_eq!(route_label("/v1/locations"), "/v1/locations");
+        assert_eq!(route_label("/v1/drivers/nearby"), "/v1/drivers/nearby");
+        assert_eq!(route_label("/v1/drivers/d-7"), "/v1/drivers/{driver_id}");
+        assert_eq!(
+            route_label("/v1/drivers/d-7/track"),
+            "/v1/drivers/{driver_id}/track"
+        );
+        assert_eq!(route_label("/v1/keys/abc"), "/v1/keys/{key_id}");
+        assert_eq!(route_label("/docs/index.html"), "/docs/{*rest}");
+        assert_eq!(route_label("/v1/drivers/"), "unmatched");
+        assert_eq!(route_label("/v1/drivers/a/b"), "unmatched");
+        assert_eq!(route_label("/nope"), "unmatched");
     }
 
     #[test]
