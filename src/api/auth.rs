@@ -254,6 +254,7 @@ impl Trust {
         caller: &Principal,
         mut position: Position,
         tracker: &crate::tracker::Tracker,
+        received_at: crate::domain::Micros,
     ) -> Result<Option<Position>, ApiError> {
         if !caller.can_write_driver(&position.driver_id) {
             self.metrics.forbidden();
@@ -271,15 +272,18 @@ impl Trust {
             }
         }
         let id = tenant::internal(&caller.tenant, &position.driver_id);
-        let previous = if self.filters.needs_previous() {
-            tracker.driver(&id).await?.map(|p| Position {
-                driver_id: position.driver_id.clone(),
-                ..p
-            })
-        } else {
+        let previous = if !self.filters.needs_previous() {
             None
-        };
-        let now = now_micros();
+        } else if let Some(index) = tracker.memory_index() {
+            index.get(&id, Instant::now()) // in process: no future to build
+        } else {
+            tracker.driver(&id).await?
+        }
+        .map(|p| Position {
+            driver_id: position.driver_id.clone(),
+            ..p
+        });
+        let now = received_at;
         match self.filters.check(&position, previous.as_ref(), now) {
             Verdict::Accept => {
                 position.driver_id = id;

@@ -89,7 +89,7 @@ pub async fn post_location(
         .map_err(|errors| ApiError::validation(summary(&errors), errors))?;
     if let Some(position) = state
         .trust
-        .admit_one(&caller, position, &state.tracker)
+        .admit_one(&caller, position, &state.tracker, received_at)
         .await?
     {
         state.tracker.apply(vec![position], received_at).await?;
