@@ -89,12 +89,7 @@ pub async fn list(
         errors.push(FieldError::new("from", "must not be after `to`"));
     }
     if !errors.is_empty() {
-        let message = errors
-            .iter()
-            .map(|e| format!("{} {}", e.field, e.message))
-            .collect::<Vec<_>>()
-            .join("; ");
-        return Err(ApiError::validation(message, errors));
+        return Err(ApiError::fields(errors));
     }
     let log = state.trust.anomalies.clone();
     let tenant = anomaly_tenant(&caller.tenant).to_string();

@@ -58,6 +58,16 @@ impl ApiError {
         }
     }
 
+    /// A validation error naming every bad field: the message joins them (`a must ...; b is ...`).
+    pub fn fields(details: Vec<FieldError>) -> ApiError {
+        let message = details
+            .iter()
+            .map(|e| format!("{} {}", e.field, e.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        ApiError::validation(message, details)
+    }
+
     /// A validation error about one field.
     pub fn invalid_field(field: &str, message: impl Into<String>) -> ApiError {
         let detail = FieldError::new(field, message);

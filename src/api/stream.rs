@@ -202,12 +202,7 @@ impl StreamParams {
 }
 
 fn validation(errors: Vec<FieldError>) -> ApiError {
-    let message = errors
-        .iter()
-        .map(|e| format!("{} {}", e.field, e.message))
-        .collect::<Vec<_>>()
-        .join("; ");
-    ApiError::validation(message, errors)
+    ApiError::fields(errors)
 }
 
 fn to_e6(degrees: f64) -> i32 {

@@ -145,12 +145,7 @@ impl TrackParams {
             }
         };
         if !errors.is_empty() {
-            let message = errors
-                .iter()
-                .map(|e| format!("{} {}", e.field, e.message))
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Err(ApiError::validation(message, errors));
+            return Err(ApiError::fields(errors));
         }
         let query = TrackQuery {
             driver_id,

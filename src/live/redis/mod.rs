@@ -296,14 +296,14 @@ impl RedisLive {
     /// (like the embedded index).
     pub async fn counts(&self) -> Result<StatusCounts, RedisLiveError> {
         let started = Instant::now();
-        let result = self.shared.counts().await;
+        let result = self.shared.counts(None).await;
         self.shared.metrics.observe(Op::Counts, started, result)
     }
 
     /// [`RedisLive::counts`] of the drivers whose id starts with `prefix` (one tenant's).
     pub async fn counts_in(&self, prefix: &str) -> Result<StatusCounts, RedisLiveError> {
         let started = Instant::now();
-        let result = self.shared.counts_in(prefix).await;
+        let result = self.shared.counts(Some(prefix)).await;
         self.shared.metrics.observe(Op::Counts, started, result)
     }
 
@@ -397,56 +397,39 @@ impl Shared {
         }
     }
 
-    async fn counts(&self) -> Result<StatusCounts, RedisLiveError> {
+    /// Drivers by status from every area's status sets: their sizes, or with `prefix` the members
+    /// whose id starts with it (one tenant's; O(drivers)).
+    async fn counts(&self, prefix: Option<&str>) -> Result<StatusCounts, RedisLiveError> {
         let areas = self.all_areas().await?;
         let mut calls = Vec::new();
         for group in self.by_slot(areas, |a| self.layout.geo_key(a)) {
             let mut pipe = redis::pipe();
             for area in &group {
                 for key in self.layout.seen_keys(area) {
-                    pipe.cmd("ZCARD").arg(key);
+                    match prefix {
+                        None => pipe.cmd("ZCARD").arg(key),
+                        Some(_) => pipe.cmd("ZRANGE").arg(key).arg(0).arg(-1),
+                    };
                 }
             }
-            let mut conn = self.conn();
-            calls.push(async move { pipe.query_async::<Vec<u64>>(&mut conn).await });
+            let (mut conn, prefix) = (self.conn(), prefix.map(str::to_owned));
+            calls.push(async move {
+                let sizes: Vec<u64> = match prefix {
+                    None => pipe.query_async(&mut conn).await?,
+                    Some(p) => pipe
+                        .query_async::<Vec<Vec<String>>>(&mut conn)
+                        .await?
+                        .iter()
+                        .map(|members| members.iter().filter(|m| m.starts_with(&p)).count() as u64)
+                        .collect(),
+                };
+                Ok::<_, redis::RedisError>(sizes)
+            });
         }
         let mut counts = StatusCounts::default();
         for result in join_all(calls).await {
             for (i, n) in result?.into_iter().enumerate() {
-                match Status::ALL[i % 3] {
-                    Status::Online => counts.online += n,
-                    Status::Busy => counts.busy += n,
-                    Status::Offline => counts.offline += n,
-                }
-            }
-        }
-        Ok(counts)
-    }
-
-    /// [`Shared::counts`] of the drivers whose id starts with `prefix`: reads the members of every
-    /// area's status sets (O(drivers); used for one tenant's stats).
-    async fn counts_in(&self, prefix: &str) -> Result<StatusCounts, RedisLiveError> {
-        let areas = self.all_areas().await?;
-        let mut calls = Vec::new();
-        for group in self.by_slot(areas, |a| self.layout.geo_key(a)) {
-            let mut pipe = redis::pipe();
-            for area in &group {
-                for key in self.layout.seen_keys(area) {
-                    pipe.cmd("ZRANGE").arg(key).arg(0).arg(-1);
-                }
-            }
-            let mut conn = self.conn();
-            calls.push(async move { pipe.query_async::<Vec<Vec<String>>>(&mut conn).await });
-        }
-        let mut counts = StatusCounts::default();
-        for result in join_all(calls).await {
-            for (i, members) in result?.into_iter().enumerate() {
-                let n = members.iter().filter(|m| m.starts_with(prefix)).count() as u64;
-                match Status::ALL[i % 3] {
-                    Status::Online => counts.online += n,
-                    Status::Busy => counts.busy += n,
-                    Status::Offline => counts.offline += n,
-                }
+                counts.add(Status::ALL[i % 3], n);
             }
         }
         Ok(counts)
