@@ -117,6 +117,12 @@ pub struct TrustArgs {
     #[arg(long, env = "FLEET_ALLOW_OPEN")]
     pub allow_open: bool,
 
+    /// Directory of the API key file `keys.json` (default: --data-dir). Point every instance of a
+    /// scale-out deployment at one shared directory so they all know the same keys; manage it with
+    /// `fleettracker keys ... --data-dir <that directory>`.
+    #[arg(long, env = "FLEET_KEYS_DIR")]
+    pub keys_dir: Option<PathBuf>,
+
     /// `GET /metrics` needs a reader or admin key.
     #[arg(long, env = "FLEET_METRICS_KEY_REQUIRED")]
     pub metrics_key_required: bool,

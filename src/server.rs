@@ -148,7 +148,10 @@ async fn open_tracker(config: &ServeConfig) -> anyhow::Result<Tracker> {
 /// API keys, limits, filters and the anomaly log; refuses open mode on a public address.
 fn open_trust(config: &ServeConfig, metrics: &Metrics) -> anyhow::Result<api::auth::Trust> {
     use crate::trust::{anomalies::AnomalyLog, keys::KeyStore};
-    let keys = KeyStore::open(&config.data_dir).context("cannot open the API key store")?;
+    let keys_dir = config.trust.keys_dir.as_ref().unwrap_or(&config.data_dir);
+    std::fs::create_dir_all(keys_dir)
+        .with_context(|| format!("cannot create the keys directory {}", keys_dir.display()))?;
+    let keys = KeyStore::open(keys_dir).context("cannot open the API key store")?;
     let anomalies = AnomalyLog::open(
         &config.data_dir.join("anomalies"),
         config.trust.anomaly_retention_micros(),

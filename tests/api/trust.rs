@@ -496,6 +496,33 @@ async fn open_mode_warns_and_serves_on_loopback_or_when_allowed() {
 }
 
 #[tokio::test]
+async fn instances_share_keys_through_a_keys_directory() {
+    let keys = Keys::new();
+    let (reader, _) = keys.create("acme", "reader", &[]);
+    let shared = keys.dir.path().to_str().unwrap().to_string();
+    // Two servers with their own data directories and one keys directory.
+    let a = Server::start_with(&["--keys-dir", &shared], &[]);
+    let b = Server::start_with(&["--keys-dir", &shared], &[]);
+    for s in [&a, &b] {
+        assert_eq!(get(s, &reader, "/v1/stats").await.status(), StatusCode::OK);
+        assert_error(
+            s.get("/v1/stats").await,
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        )
+        .await;
+    }
+    // A key made later is picked up by both.
+    let (late, _) = keys.create("acme", "reader", &[]);
+    for s in [&a, &b] {
+        eventually(Duration::from_secs(10), "the new key works", || async {
+            get(s, &late, "/v1/stats").await.status() == StatusCode::OK
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
 async fn metrics_can_require_a_key() {
     let keys = Keys::new();
     let (reader, _) = keys.create("acme", "reader", &[]);
