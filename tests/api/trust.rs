@@ -140,9 +140,10 @@ async fn tenants_never_see_each_other() {
     )
     .await;
     assert!(snapshot.is_empty());
-    // The same driver id in two tenants: two different drivers.
+    // The same driver id in two tenants: two different drivers (zeta's through the batch endpoint).
+    let batch = json!({"locations": [fix("d1", 31.30, 121.50)]});
     assert_eq!(
-        post(&s, &zeta_device, "/v1/locations", &fix("d1", 31.30, 121.50))
+        post(&s, &zeta_device, "/v1/locations/batch", &batch)
             .await
             .status(),
         StatusCode::ACCEPTED
