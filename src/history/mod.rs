@@ -125,6 +125,25 @@ pub struct TrackPage {
     pub next_cursor: Option<String>,
 }
 
+impl TrackPage {
+    /// A page of at most `limit` points out of `points` read with one extra: when the extra is
+    /// there, more follow and the cursor points just past the page's last point.
+    pub fn of_overfetched(driver_id: &str, mut points: Vec<TrackPoint>, limit: usize) -> TrackPage {
+        let next_cursor = if points.len() > limit {
+            points.truncate(limit);
+            points
+                .last()
+                .map(|p| key::encode_cursor(driver_id, p.timestamp.saturating_add(1)))
+        } else {
+            None
+        };
+        TrackPage {
+            points,
+            next_cursor,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
     #[error("history storage failed: {0}")]

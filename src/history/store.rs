@@ -2,8 +2,8 @@
 
 use super::chunk::{self, ChunkWriter};
 use super::key::{
-    chunk_key, day_end, day_of, day_start, decode_cursor, encode_cursor, keyspace_name,
-    parse_chunk_key, parse_keyspace_name, window_of, Tier,
+    chunk_key, day_end, day_of, day_start, decode_cursor, keyspace_name, parse_chunk_key,
+    parse_keyspace_name, window_of, Tier,
 };
 use super::{HistoryError, TrackPage, TrackPoint, TrackQuery, MAX_TRACK_LIMIT};
 use crate::domain::{DriverId, Micros, Position};
@@ -232,19 +232,8 @@ impl History {
         // never missed.
         let open = self.open_points(&q.driver_id, from, q.to)?;
         let stored = self.stored_points(&q.driver_id, from, q.to, limit + 1)?;
-        let mut points = chunk::merge(stored, &open);
-        let next_cursor = if points.len() > limit {
-            points.truncate(limit);
-            points
-                .last()
-                .map(|p| encode_cursor(&q.driver_id, p.timestamp.saturating_add(1)))
-        } else {
-            None
-        };
-        Ok(TrackPage {
-            points,
-            next_cursor,
-        })
+        let points = chunk::merge(stored, &open);
+        Ok(TrackPage::of_overfetched(&q.driver_id, points, limit))
     }
 
     /// Stored points of a driver in `from..=to`, in time order, stopping once past `enough`.

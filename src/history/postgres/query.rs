@@ -17,7 +17,7 @@
 use super::schema::{self, RetentionSummary};
 use super::{pg_connect, PgTs};
 use crate::domain::{Micros, Status};
-use crate::history::key::{decode_cursor, encode_cursor};
+use crate::history::key::decode_cursor;
 use crate::history::{TrackPage, TrackPoint, TrackQuery, MAX_TRACK_LIMIT};
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,7 +109,7 @@ impl PgHistory {
                 ],
             )
             .await?;
-        let mut points: Vec<TrackPoint> = rows
+        let points: Vec<TrackPoint> = rows
             .iter()
             .map(|row| TrackPoint {
                 timestamp: row.get::<_, PgTs>(0).0,
@@ -120,18 +120,7 @@ impl PgHistory {
                 heading_deg: row.get(5),
             })
             .collect();
-        let next_cursor = if points.len() > limit {
-            points.truncate(limit);
-            points
-                .last()
-                .map(|p| encode_cursor(&q.driver_id, p.timestamp.saturating_add(1)))
-        } else {
-            None
-        };
-        Ok(TrackPage {
-            points,
-            next_cursor,
-        })
+        Ok(TrackPage::of_overfetched(&q.driver_id, points, limit))
     }
 
     /// True when PostgreSQL answers a trivial query within a second (readiness).
