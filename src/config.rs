@@ -272,17 +272,8 @@ pub struct ServeConfig {
     #[arg(long, env = "FLEET_SNAPSHOT_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub snapshot_interval: Duration,
 
-    /// History keeps every point for this long.
-    #[arg(long, env = "FLEET_HISTORY_RETENTION", default_value = "30d", value_parser = parse_duration)]
-    pub history_retention: Duration,
-
-    /// After --history-retention and up to this age, history keeps a simplified track; older is deleted.
-    #[arg(long, env = "FLEET_COLD_RETENTION", default_value = "90d", value_parser = parse_duration)]
-    pub cold_retention: Duration,
-
-    /// Douglas–Peucker tolerance, in metres, of the simplified (cold) tracks.
-    #[arg(long, env = "FLEET_COLD_SIMPLIFY_M", default_value_t = 5.0)]
-    pub cold_simplify_m: f64,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
 
     /// Map tiles of the live map page (`GET /`): a URL template with `{z}`, `{x}`, `{y}` (and
     /// optionally `{s}`, one of a, b, c), or `none` for the plain coordinate grid.
@@ -398,17 +389,8 @@ pub struct WorkerConfig {
     #[arg(long, env = "FLEET_CLAIM_IDLE", default_value = "30s", value_parser = parse_duration)]
     pub claim_idle: Duration,
 
-    /// History keeps every point for this long.
-    #[arg(long, env = "FLEET_HISTORY_RETENTION", default_value = "30d", value_parser = parse_duration)]
-    pub history_retention: Duration,
-
-    /// After --history-retention and up to this age, history keeps a simplified track; older is deleted.
-    #[arg(long, env = "FLEET_COLD_RETENTION", default_value = "90d", value_parser = parse_duration)]
-    pub cold_retention: Duration,
-
-    /// Douglas–Peucker tolerance, in metres, of the simplified (cold) tracks.
-    #[arg(long, env = "FLEET_COLD_SIMPLIFY_M", default_value_t = 5.0)]
-    pub cold_simplify_m: f64,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
 
     /// How often this worker runs retention (one worker at a time does it; cheap when nothing is due).
     #[arg(long, env = "FLEET_RETENTION_INTERVAL", default_value = "10m", value_parser = parse_duration)]
@@ -421,6 +403,22 @@ pub struct WorkerConfig {
     /// Log line format.
     #[arg(long, env = "FLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// How long history keeps what (the server's embedded history and the PostgreSQL worker alike).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct RetentionArgs {
+    /// History keeps every point for this long.
+    #[arg(long, env = "FLEET_HISTORY_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub history_retention: Duration,
+
+    /// After --history-retention and up to this age, history keeps a simplified track; older is deleted.
+    #[arg(long, env = "FLEET_COLD_RETENTION", default_value = "90d", value_parser = parse_duration)]
+    pub cold_retention: Duration,
+
+    /// Douglas–Peucker tolerance, in metres, of the simplified (cold) tracks.
+    #[arg(long, env = "FLEET_COLD_SIMPLIFY_M", default_value_t = 5.0)]
+    pub cold_simplify_m: f64,
 }
 
 /// OpenStreetMap's standard tiles.
@@ -536,9 +534,12 @@ mod tests {
         assert_eq!(c.driver_ttl, Duration::from_secs(60));
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.fsync, FsyncSetting::Log(FsyncPolicy::Always));
-        assert_eq!(c.history_retention, Duration::from_secs(30 * 86_400));
-        assert_eq!(c.cold_retention, Duration::from_secs(90 * 86_400));
-        assert_eq!(c.cold_simplify_m, 5.0);
+        assert_eq!(
+            c.retention.history_retention,
+            Duration::from_secs(30 * 86_400)
+        );
+        assert_eq!(c.retention.cold_retention, Duration::from_secs(90 * 86_400));
+        assert_eq!(c.retention.cold_simplify_m, 5.0);
         assert_eq!(c.tile_url, DEFAULT_TILE_URL);
     }
 

@@ -248,12 +248,10 @@ fn spawn_scale_out_jobs(
             "--embedded-worker needs --history-store postgres"
         );
         let mut settings = WorkerSettings::new(redis_target(config)?, postgres_url(config)?);
-        settings.retention = Some(RetentionSettings {
-            hot: config.history_retention,
-            cold: config.cold_retention,
-            cold_simplify_m: config.cold_simplify_m,
-            every: RETENTION_INTERVAL,
-        });
+        settings.retention = Some(RetentionSettings::new(
+            &config.retention,
+            RETENTION_INTERVAL,
+        ));
         let (metrics, stop) = (tracker.metrics().clone(), stop.clone());
         tokio::spawn(async move {
             if let Err(e) = run_worker(settings, metrics, stop).await {
@@ -308,9 +306,9 @@ fn spawn_durability_jobs(tracker: &Arc<Tracker>, config: &ServeConfig) {
         Ok(())
     });
     let retention = Retention {
-        hot: config.history_retention,
-        cold: config.cold_retention,
-        cold_simplify_m: config.cold_simplify_m,
+        hot: config.retention.history_retention,
+        cold: config.retention.cold_retention,
+        cold_simplify_m: config.retention.cold_simplify_m,
     };
     let d = durability.clone();
     if let Err(e) = d.apply_retention(retention) {

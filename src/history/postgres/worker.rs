@@ -135,6 +135,18 @@ pub struct RetentionSettings {
     pub every: Duration,
 }
 
+impl RetentionSettings {
+    /// The retention the flags describe, run every `every`.
+    pub fn new(args: &crate::config::RetentionArgs, every: Duration) -> RetentionSettings {
+        RetentionSettings {
+            hot: args.history_retention,
+            cold: args.cold_retention,
+            cold_simplify_m: args.cold_simplify_m,
+            every,
+        }
+    }
+}
+
 /// `host-pid-random`: unique per process, readable in `XINFO CONSUMERS`.
 pub fn unique_consumer_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
@@ -221,12 +233,8 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     );
     settings.batch_size = config.batch_size;
     settings.claim_idle = config.claim_idle;
-    settings.retention = (!config.no_retention).then_some(RetentionSettings {
-        hot: config.history_retention,
-        cold: config.cold_retention,
-        cold_simplify_m: config.cold_simplify_m,
-        every: config.retention_interval,
-    });
+    settings.retention = (!config.no_retention)
+        .then(|| RetentionSettings::new(&config.retention, config.retention_interval));
     let shutdown = CancellationToken::new();
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
