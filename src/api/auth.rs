@@ -181,18 +181,20 @@ impl Trust {
         caller: &Principal,
         positions: Vec<(usize, Position)>,
         tracker: &crate::tracker::Tracker,
+        received_at: crate::domain::Micros,
     ) -> Result<Admitted, ApiError> {
-        if let Some((_, p)) = positions
-            .iter()
-            .find(|(_, p)| !caller.can_write_driver(&p.driver_id))
-        {
-            self.metrics.forbidden();
-            return Err(ApiError::Forbidden(format!(
-                "this key may not report positions of driver {}",
-                p.driver_id
-            )));
+        for (_, p) in &positions {
+            self.check_driver(caller, &p.driver_id)?;
         }
-        self.limit_devices(caller, &positions)?;
+        if caller.role == Role::Device {
+            let mut per_driver: HashMap<&str, u32> = HashMap::new();
+            for (_, p) in &positions {
+                *per_driver.entry(p.driver_id.as_str()).or_default() += 1;
+            }
+            for (driver, cost) in per_driver {
+                self.limit_device(caller, driver, cost)?;
+            }
+        }
         let ids: Vec<DriverId> = positions
             .iter()
             .map(|(_, p)| tenant::internal(&caller.tenant, &p.driver_id))
@@ -202,7 +204,6 @@ impl Trust {
         } else {
             vec![None; ids.len()]
         };
-        let now = now_micros();
         let mut newest: HashMap<DriverId, Position> = HashMap::new();
         let several = positions.len() > 1;
         let mut admitted = Admitted::default();
@@ -212,35 +213,22 @@ impl Trust {
                 (Some(n), Some(s)) if s.timestamp > n.timestamp => Some(s),
                 (Some(n), _) => Some(n.clone()),
                 (None, s) => s,
-            }
-            .map(|p| Position {
-                driver_id: position.driver_id.clone(),
-                ..p
-            });
-            match self.filters.check(&position, before.as_ref(), now) {
-                Verdict::Accept => {
-                    let mut p = position;
-                    p.driver_id = id.clone();
+            };
+            match self.judge(caller, position, id, before, received_at) {
+                Ok(Some(p)) => {
                     // Only a batch can hold a later fix of the same driver.
-                    if several && newest.get(&id).is_none_or(|n| n.timestamp < p.timestamp) {
-                        newest.insert(id, p.clone());
+                    if several
+                        && newest
+                            .get(&p.driver_id)
+                            .is_none_or(|n| n.timestamp < p.timestamp)
+                    {
+                        newest.insert(p.driver_id.clone(), p.clone());
                     }
                     admitted.positions.push(p);
                     admitted.accepted += 1;
                 }
-                Verdict::Duplicate => {
-                    self.metrics.duplicate();
-                    admitted.accepted += 1;
-                }
-                Verdict::Reject { reason, evidence } => {
-                    self.metrics.rejected(reason);
-                    if let Some(evidence) = evidence {
-                        self.record_anomaly(caller, &position, reason, &evidence, now);
-                    }
-                    admitted
-                        .rejected
-                        .push((index, self.filters.field_error(reason)));
-                }
+                Ok(None) => admitted.accepted += 1,
+                Err(error) => admitted.rejected.push((index, error)),
             }
         }
         Ok(admitted)
@@ -252,24 +240,13 @@ impl Trust {
     pub async fn admit_one(
         &self,
         caller: &Principal,
-        mut position: Position,
+        position: Position,
         tracker: &crate::tracker::Tracker,
         received_at: crate::domain::Micros,
     ) -> Result<Option<Position>, ApiError> {
-        if !caller.can_write_driver(&position.driver_id) {
-            self.metrics.forbidden();
-            return Err(ApiError::Forbidden(format!(
-                "this key may not report positions of driver {}",
-                position.driver_id
-            )));
-        }
+        self.check_driver(caller, &position.driver_id)?;
         if caller.role == Role::Device {
-            let key = (caller.key_id.clone(), position.driver_id.clone());
-            if let Err(limited) = self.devices.check(&key, 1, Instant::now()) {
-                self.metrics.rate_limited(Role::Device);
-                let what = format!("driver {}", position.driver_id);
-                return Err(rate_limited(limited, &what));
-            }
+            self.limit_device(caller, &position.driver_id, 1)?;
         }
         let id = tenant::internal(&caller.tenant, &position.driver_id);
         let previous = if !self.filters.needs_previous() {
@@ -278,12 +255,49 @@ impl Trust {
             index.get(&id, Instant::now()) // in process: no future to build
         } else {
             tracker.driver(&id).await?
+        };
+        self.judge(caller, position, id, previous, received_at)
+            .map_err(|error| ApiError::fields(vec![error]))
+    }
+
+    /// 403 unless the caller's key may report positions of `driver_id`.
+    fn check_driver(&self, caller: &Principal, driver_id: &str) -> Result<(), ApiError> {
+        if caller.can_write_driver(driver_id) {
+            return Ok(());
         }
-        .map(|p| Position {
+        self.metrics.forbidden();
+        Err(ApiError::Forbidden(format!(
+            "this key may not report positions of driver {driver_id}"
+        )))
+    }
+
+    /// Charges `cost` updates of `driver` to the device key's bucket (429 past it).
+    fn limit_device(&self, caller: &Principal, driver: &str, cost: u32) -> Result<(), ApiError> {
+        let key = (caller.key_id.clone(), DriverId::from(driver));
+        self.devices
+            .check(&key, cost, Instant::now())
+            .map_err(|limited| {
+                self.metrics.rate_limited(Role::Device);
+                rate_limited(limited, &format!("driver {driver}"))
+            })
+    }
+
+    /// The sanity filters' verdict on `position` (its tenant's id is `id`) against the driver's
+    /// `previous` fix, counted and, for anomalies, recorded: the position to apply with its
+    /// internal id, `None` for a duplicate, or the rejection's field error.
+    fn judge(
+        &self,
+        caller: &Principal,
+        mut position: Position,
+        id: DriverId,
+        previous: Option<Position>,
+        now: crate::domain::Micros,
+    ) -> Result<Option<Position>, FieldError> {
+        // The filters compare fixes of one driver: the stored one carries the internal id.
+        let previous = previous.map(|p| Position {
             driver_id: position.driver_id.clone(),
             ..p
         });
-        let now = received_at;
         match self.filters.check(&position, previous.as_ref(), now) {
             Verdict::Accept => {
                 position.driver_id = id;
@@ -298,36 +312,9 @@ impl Trust {
                 if let Some(evidence) = evidence {
                     self.record_anomaly(caller, &position, reason, &evidence, now);
                 }
-                let error = self.filters.field_error(reason);
-                Err(ApiError::validation(
-                    format!("{} {}", error.field, error.message),
-                    vec![error],
-                ))
+                Err(self.filters.field_error(reason))
             }
         }
-    }
-
-    fn limit_devices(
-        &self,
-        caller: &Principal,
-        positions: &[(usize, Position)],
-    ) -> Result<(), ApiError> {
-        if caller.role != Role::Device {
-            return Ok(());
-        }
-        let mut per_driver: HashMap<&str, u32> = HashMap::new();
-        for (_, p) in positions {
-            *per_driver.entry(p.driver_id.as_str()).or_default() += 1;
-        }
-        let now = Instant::now();
-        for (driver, cost) in per_driver {
-            let key = (caller.key_id.clone(), DriverId::from(driver));
-            if let Err(limited) = self.devices.check(&key, cost, now) {
-                self.metrics.rate_limited(Role::Device);
-                return Err(rate_limited(limited, &format!("driver {driver}")));
-            }
-        }
-        Ok(())
     }
 
     fn record_anomaly(

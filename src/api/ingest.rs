@@ -142,10 +142,12 @@ async fn report(state: &AppState, caller: &Principal, text: &str) -> Result<Inge
             }
         }
     };
-    let admitted = state.trust.admit(caller, positions, &state.tracker).await?;
+    let admitted = state
+        .trust
+        .admit(caller, positions, &state.tracker, received_at)
+        .await?;
     for (index, error) in admitted.rejected {
-        let summary = format!("{} {}", error.field, error.message);
-        let error = ApiError::validation(summary, vec![error]).body();
+        let error = ApiError::fields(vec![error]).body();
         rejected.push(Rejected { index, error });
     }
     rejected.sort_by_key(|r| r.index);

@@ -151,14 +151,16 @@ pub(super) async fn admit_batch(
         mut rejected,
         mut errors,
     } = batch;
-    let admitted = state.trust.admit(caller, positions, &state.tracker).await?;
+    let admitted = state
+        .trust
+        .admit(caller, positions, &state.tracker, received_at)
+        .await?;
     for (index, error) in admitted.rejected {
         errors.push(FieldError::new(
             &format!("locations[{index}].{}", error.field),
             error.message.clone(),
         ));
-        let body =
-            ApiError::validation(format!("{} {}", error.field, error.message), vec![error]).body();
+        let body = ApiError::fields(vec![error]).body();
         rejected.push(Rejected { index, error: body });
     }
     rejected.sort_by_key(|r| r.index);
