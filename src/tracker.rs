@@ -211,19 +211,7 @@ impl Tracker {
 
     /// The latest positions of those of `ids` that are live.
     pub async fn drivers(&self, ids: &[DriverId]) -> Result<Vec<Position>, TrackerError> {
-        match &self.live {
-            LiveStore::Memory(index) => {
-                let now = Instant::now();
-                Ok(ids.iter().filter_map(|id| index.get(id, now)).collect())
-            }
-            LiveStore::Redis(store) => {
-                let mut found = Vec::with_capacity(ids.len());
-                for id in ids {
-                    found.extend(store.get(id).await.map_err(live_error)?);
-                }
-                Ok(found)
-            }
-        }
+        Ok(self.latest_of(ids).await?.into_iter().flatten().collect())
     }
 
     /// The latest position of each of `ids` (aligned; `None` when unknown or expired), read in

@@ -15,7 +15,8 @@ fn keys(data_dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     (out.status.success(), text(&out.stdout), text(&out.stderr))
 }
 
-fn field<'a>(text: &'a str, label: &str) -> &'a str {
+/// The value after `label` on a line of `keys create`'s output.
+pub(crate) fn field<'a>(text: &'a str, label: &str) -> &'a str {
     text.lines()
         .find_map(|l| l.strip_prefix(label))
         .map(str::trim)

@@ -1,6 +1,7 @@
 //! Trust over HTTP: API keys and roles, tenant isolation on every endpoint, rate limits, the GPS
 //! sanity filters and anomalies, Idempotency-Key, request signing, open mode rules, admin keys.
 
+use crate::keys_cli::field;
 use crate::streams::{next, subscribe};
 use crate::support::*;
 use reqwest::{RequestBuilder, StatusCode};
@@ -35,12 +36,10 @@ impl Keys {
             String::from_utf8_lossy(&out.stderr)
         );
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let field = |label: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(label))
-                .map(|v| v.trim().to_string())
-        };
-        (field("API key:").expect("token"), field("signing secret:"))
+        let signing = text
+            .contains("signing secret:")
+            .then(|| field(&text, "signing secret:").to_string());
+        (field(&text, "API key:").to_string(), signing)
     }
 
     fn serve(&self, extra: &[&str]) -> Server {
