@@ -226,6 +226,19 @@ impl Tracker {
         }
     }
 
+    /// The previous fix of each of `ids` for the sanity filters (aligned; `None` when unknown or
+    /// expired): the latest one in the embedded store; in Redis, the latest this instance knows,
+    /// read from Redis only when it knows none (see `live::redis::recent`).
+    pub async fn previous_of(
+        &self,
+        ids: &[DriverId],
+    ) -> Result<Vec<Option<Position>>, TrackerError> {
+        match &self.live {
+            LiveStore::Memory(_) => self.latest_of(ids).await,
+            LiveStore::Redis(store) => store.previous_of(ids).await.map_err(live_error),
+        }
+    }
+
     /// The nearest drivers; with `prefix`, only those whose id starts with it (one tenant's).
     pub async fn nearby(
         &self,

@@ -200,7 +200,7 @@ impl Trust {
             .map(|(_, p)| tenant::internal(&caller.tenant, &p.driver_id))
             .collect();
         let previous = if self.filters.needs_previous() {
-            tracker.latest_of(&ids).await?
+            tracker.previous_of(&ids).await?
         } else {
             vec![None; ids.len()]
         };
@@ -254,7 +254,7 @@ impl Trust {
         } else if let Some(index) = tracker.memory_index() {
             index.get(&id, Instant::now()) // in process: no future to build
         } else {
-            tracker.driver(&id).await?
+            tracker.previous_of(std::slice::from_ref(&id)).await?.pop().flatten()
         };
         self.judge(caller, position, id, previous, received_at)
             .map_err(|error| ApiError::fields(vec![error]))

@@ -14,6 +14,7 @@
 //!   the cross-instance race the cluster leaves;
 //! - `search`: nearby and box queries (GEOSEARCH per area, confirmed against the meta hashes);
 //! - `expiry`: the sweep that removes silent drivers from the GEO sets;
+//! - `recent`: the fixes this instance applied, remembered for the sanity filters;
 //! - [`feed`]: cross-instance streams over Pub/Sub.
 //!
 //! Every call goes through one multiplexed, reconnecting connection ([`RedisConn`]); errors come
@@ -26,6 +27,7 @@ pub mod feed;
 pub mod geohash;
 pub mod keys;
 mod meta;
+mod recent;
 mod scripts;
 mod search;
 mod upsert;
@@ -185,6 +187,7 @@ const READ_CHUNK: usize = 512;
 pub struct RedisLive {
     shared: Arc<Shared>,
     queue: mpsc::UnboundedSender<batcher::Job>,
+    recent: Arc<recent::RecentFixes>,
 }
 
 impl RedisLive {
@@ -216,7 +219,12 @@ impl RedisLive {
         });
         let (queue, jobs) = mpsc::unbounded_channel();
         tokio::spawn(batcher::run(shared.clone(), jobs));
-        Ok(RedisLive { shared, queue })
+        let recent = Arc::new(recent::RecentFixes::new(recent::CAPACITY, driver_ttl));
+        Ok(RedisLive {
+            shared,
+            queue,
+            recent,
+        })
     }
 
     /// The shared connection (for [`AreaFeed::new`]).
@@ -243,7 +251,14 @@ impl RedisLive {
             self.shared.metrics.error(Op::Upsert);
             return Err(RedisLiveError::Closed);
         }
-        result.await.unwrap_or(Err(RedisLiveError::Closed))
+        let results = result.await.unwrap_or(Err(RedisLiveError::Closed))?;
+        let now = Instant::now();
+        for (position, result) in positions.iter().zip(&results) {
+            if *result == Upsert::Applied {
+                self.recent.remember(position, now);
+            }
+        }
+        Ok(results)
     }
 
     /// The driver's latest position (offline included), or `None` once it is past its TTL.
@@ -274,6 +289,31 @@ impl RedisLive {
         let result = self.shared.read(ids, false).await;
         let result = result.map(|v| v.into_iter().map(|r| r.map(|(_, p)| p)).collect());
         self.shared.metrics.observe(Op::Get, started, result)
+    }
+
+    /// The latest fix of each of `ids` as far as the sanity filters need it, aligned with them:
+    /// from what this instance remembers, Redis read (in one pipeline) only for the others. A
+    /// fix applied through another instance may be missed in favour of an older one; see
+    /// `recent` for why the filters may use it anyway.
+    pub async fn previous_of(
+        &self,
+        ids: &[DriverId],
+    ) -> Result<Vec<Option<Position>>, RedisLiveError> {
+        let now = Instant::now();
+        let mut fixes: Vec<Option<Position>> =
+            ids.iter().map(|id| self.recent.get(id, now)).collect();
+        let missing: Vec<usize> = (0..ids.len()).filter(|&i| fixes[i].is_none()).collect();
+        if missing.is_empty() {
+            return Ok(fixes);
+        }
+        let unknown: Vec<DriverId> = missing.iter().map(|&i| ids[i].clone()).collect();
+        for (i, fix) in missing.into_iter().zip(self.get_many(&unknown).await?) {
+            if let Some(fix) = &fix {
+                self.recent.remember(fix, now);
+            }
+            fixes[i] = fix;
+        }
+        Ok(fixes)
     }
 
     /// The `limit` nearest live drivers within the radius whose status matches, nearest first

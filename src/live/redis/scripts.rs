@@ -48,6 +48,9 @@ use std::sync::LazyLock;
 const PRELUDE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- `now` as the string every write carries: Lua would otherwise format the number anew (a
+-- printf) for each argument it is passed as.
+local now_s = string.format('%d', now)
 -- The state in a meta hash, or nothing when the position is stale against it.
 local function newer(meta, ts, ttl)
   local cur = redis.call('HMGET', meta, 'ts', 'seen', 'status', 'area', 'indexed')
@@ -82,7 +85,7 @@ local function flush(w, geo, seen)
     local st = w.status[id]
     if w.touch[id] then
       local a = sadd[st]
-      a[#a + 1] = now; a[#a + 1] = id
+      a[#a + 1] = now_s; a[#a + 1] = id
     end
     if w.prev[id] then
       for s, _ in pairs(w.prev[id]) do
@@ -114,11 +117,11 @@ for i = 5, #KEYS do
   if cur then
     -- The seen set is refreshed only every `refresh` ms while the status stays the same: its
     -- score lags the truth by less than that, which the sweep allows for.
-    local indexed = now
+    local indexed = now_s
     local keep_seen = cur[3] == st and cur[5] and now - tonumber(cur[5]) < refresh
     if keep_seen then indexed = cur[5] end
     redis.call('HSET', meta, 'ts', ts, 'lat', ARGV[a + 2], 'lon', ARGV[a + 3], 'status', st,
-      'speed', ARGV[a + 5], 'heading', ARGV[a + 6], 'accuracy', ARGV[a + 7], 'seen', now,
+      'speed', ARGV[a + 5], 'heading', ARGV[a + 6], 'accuracy', ARGV[a + 7], 'seen', now_s,
       'indexed', indexed)
     -- Same lag for the hash's expiry: it is pushed out whenever the seen set is refreshed, so it
     -- still outlives the TTL by the grace period minus the refresh interval.
@@ -146,7 +149,7 @@ for i = 1, #KEYS do
   local cur = newer(meta, ts, ttl)
   if cur then
     redis.call('HSET', meta, 'ts', ts, 'lat', ARGV[a + 2], 'lon', ARGV[a + 3], 'status', ARGV[a + 4],
-      'speed', ARGV[a + 5], 'heading', ARGV[a + 6], 'accuracy', ARGV[a + 7], 'seen', now,
+      'speed', ARGV[a + 5], 'heading', ARGV[a + 6], 'accuracy', ARGV[a + 7], 'seen', now_s,
       'area', ARGV[a + 9])
     redis.call('PEXPIRE', meta, keep)
     out[#out + 1] = 1
