@@ -254,7 +254,11 @@ impl Trust {
         } else if let Some(index) = tracker.memory_index() {
             index.get(&id, Instant::now()) // in process: no future to build
         } else {
-            tracker.previous_of(std::slice::from_ref(&id)).await?.pop().flatten()
+            tracker
+                .previous_of(std::slice::from_ref(&id))
+                .await?
+                .pop()
+                .flatten()
         };
         self.judge(caller, position, id, previous, received_at)
             .map_err(|error| ApiError::fields(vec![error]))

@@ -59,6 +59,48 @@ async fn two_instances_share_positions_queries_and_streams() {
 }
 
 #[tokio::test]
+async fn sanity_filters_judge_against_fixes_of_every_instance() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let args = ["--live-store", "redis", "--redis-url", url.as_str()];
+    let a = Server::start_filtered(&args, &[]);
+    let b = Server::start_filtered(&args, &[]);
+    let now = chrono::Utc::now();
+    let ts = |secs: i64| (now + chrono::Duration::seconds(secs)).to_rfc3339();
+    let jump =
+        json!({"driver_id": "car", "latitude": 31.65, "longitude": 121.4, "timestamp": ts(-10)});
+    a.report(
+        json!({"driver_id": "car", "latitude": 31.2, "longitude": 121.4, "timestamp": ts(-20)}),
+    )
+    .await;
+    // 50 km in 10 s: refused by the instance that took the first fix (from what it remembers) and
+    // by the one that never saw the driver (from Redis), single and in a batch.
+    for s in [&a, &b] {
+        let r = s.post_json("/v1/locations", &jump).await;
+        let single = assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+        let r = s
+            .post_json("/v1/locations/batch", &json!({"locations": [jump.clone()]}))
+            .await;
+        let batch = assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+        for body in [single, batch] {
+            let text = body["error"].to_string();
+            assert!(text.contains("km/h"), "{body}");
+        }
+    }
+    // A plausible fix through B, then one more through A measured from it.
+    b.report(
+        json!({"driver_id": "car", "latitude": 31.2005, "longitude": 121.4, "timestamp": ts(-5)}),
+    )
+    .await;
+    a.report(
+        json!({"driver_id": "car", "latitude": 31.2010, "longitude": 121.4, "timestamp": ts(-1)}),
+    )
+    .await;
+    let car = json(b.get("/v1/drivers/car").await).await;
+    assert_eq!(car["latitude"], 31.201, "{car}");
+}
+
+#[tokio::test]
 async fn a_redis_outage_is_503_then_service_resumes_by_itself() {
     let mut redis = RedisServer::start();
     let s = on_redis(&redis, &[]);

@@ -111,8 +111,12 @@ mod tests {
         let recent = RecentFixes::new(100, Duration::from_secs(60));
         let then = Instant::now();
         recent.remember(&fix("a", 1), then);
-        assert!(recent.get(&DriverId::new("a"), then + Duration::from_secs(59)).is_some());
-        assert!(recent.get(&DriverId::new("a"), then + Duration::from_secs(60)).is_none());
+        assert!(recent
+            .get(&DriverId::new("a"), then + Duration::from_secs(59))
+            .is_some());
+        assert!(recent
+            .get(&DriverId::new("a"), then + Duration::from_secs(60))
+            .is_none());
     }
 
     #[test]

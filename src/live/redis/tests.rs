@@ -466,6 +466,64 @@ async fn outage_fails_fast_and_recovers() {
     assert!(live.ping().await);
 }
 
+/// Script calls Redis has run so far.
+async fn script_calls(live: &RedisLive) -> i64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut live.conn())
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn previous_fixes_come_from_memory_then_from_redis() {
+    let server = RedisServer::start();
+    let target = standalone_target(&server);
+    let a = fresh(&target, TTL).await;
+    let b = RedisLive::connect(&target, TTL, &Metrics::new())
+        .await
+        .unwrap();
+    let mine = pos("p1", 31_230_400, 121_473_700, Status::Online, T0 + 10);
+    a.upsert(std::slice::from_ref(&mine)).await.unwrap();
+    // A stale fix applied nowhere is not remembered.
+    let stale = pos("p1", 31_240_000, 121_480_000, Status::Busy, T0 + 5);
+    assert_eq!(a.upsert(&[stale]).await.unwrap(), [Upsert::Stale]);
+
+    // What A applied is answered without asking Redis.
+    let before = script_calls(&a).await;
+    let ids = [DriverId::new("p1")];
+    assert_eq!(a.previous_of(&ids).await.unwrap(), [Some(mine.clone())]);
+    assert_eq!(script_calls(&a).await, before);
+
+    // A fix only B applied is read from Redis (once), unknown drivers stay unknown.
+    let theirs = pos("p2", 31_230_500, 121_473_800, Status::Busy, T0 + 20);
+    b.upsert(std::slice::from_ref(&theirs)).await.unwrap();
+    let ids = [DriverId::new("p2"), DriverId::new("nobody")];
+    let before = script_calls(&a).await;
+    assert_eq!(
+        a.previous_of(&ids).await.unwrap(),
+        [Some(theirs.clone()), None]
+    );
+    assert!(script_calls(&a).await > before);
+    let before = script_calls(&a).await;
+    assert_eq!(a.previous_of(&ids[..1]).await.unwrap(), [Some(theirs)]);
+    assert_eq!(script_calls(&a).await, before);
+
+    // A newer fix applied through B is not seen by A's filters: A keeps judging against its own
+    // (older, real) fix, which only makes them more lenient (see `recent`).
+    let newer = pos("p1", 31_230_600, 121_473_900, Status::Online, T0 + 30);
+    b.upsert(std::slice::from_ref(&newer)).await.unwrap();
+    assert_eq!(
+        a.previous_of(&[DriverId::new("p1")]).await.unwrap(),
+        [Some(mine)]
+    );
+    assert_eq!(a.get("p1").await.unwrap(), Some(newer));
+}
+
 #[tokio::test]
 async fn geo_scores_match_geoadd() {
     let server = RedisServer::start();
