@@ -70,7 +70,8 @@ local function note(w, id, score, st, pst, keep_seen)
   w.status[id] = st
   w.touch = w.touch or {}
   w.touch[id] = w.touch[id] or not keep_seen
-  if pst and pst ~= '' then
+  -- Only a status change leaves something to remove (most reports keep the status: no table).
+  if pst and pst ~= '' and pst ~= st then
     w.prev[id] = w.prev[id] or {}
     w.prev[id][pst] = true
   end
