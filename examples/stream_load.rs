@@ -44,33 +44,7 @@ struct Args {
 #[derive(Subcommand)]
 enum Mode {
     /// Subscribers on a grid of the city while positions are ingested.
-    Fanout {
-        #[arg(long)]
-        url: String,
-        #[arg(long, default_value_t = 1000)]
-        subscribers: usize,
-        /// Cells of the grid the drivers are spread over (subscriber i follows cell i).
-        #[arg(long, default_value_t = 1000)]
-        cells: usize,
-        /// Positions per second, open loop; 0 = as fast as the server answers (closed loop).
-        #[arg(long, default_value_t = 50_000)]
-        rate: u64,
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
-        duration: Duration,
-        #[arg(long, default_value_t = 100_000)]
-        drivers: usize,
-        #[arg(long, default_value_t = 1000)]
-        batch: usize,
-        /// Concurrent ingest tasks (each owns a disjoint set of drivers).
-        #[arg(long, default_value_t = 4)]
-        ingest_tasks: usize,
-        /// Time to keep reading after the last request was answered.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
-        grace: Duration,
-        /// Connections opened at a time.
-        #[arg(long, default_value_t = 200)]
-        connect_concurrency: usize,
-    },
+    Fanout(FanoutArgs),
     /// Idle subscribers held open.
     Idle {
         #[arg(long)]
@@ -83,6 +57,35 @@ enum Mode {
         #[arg(long, value_parser = humantime::parse_duration)]
         hold: Option<Duration>,
     },
+}
+
+#[derive(clap::Args)]
+struct FanoutArgs {
+    #[arg(long)]
+    url: String,
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Cells of the grid the drivers are spread over (subscriber i follows cell i).
+    #[arg(long, default_value_t = 1000)]
+    cells: usize,
+    /// Positions per second, open loop; 0 = as fast as the server answers (closed loop).
+    #[arg(long, default_value_t = 50_000)]
+    rate: u64,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+    duration: Duration,
+    #[arg(long, default_value_t = 100_000)]
+    drivers: usize,
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Concurrent ingest tasks (each owns a disjoint set of drivers).
+    #[arg(long, default_value_t = 4)]
+    ingest_tasks: usize,
+    /// Time to keep reading after the last request was answered.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    grace: Duration,
+    /// Connections opened at a time.
+    #[arg(long, default_value_t = 200)]
+    connect_concurrency: usize,
 }
 
 #[derive(Deserialize)]
@@ -326,19 +329,19 @@ async fn post(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn fanout(
-    url: String,
-    subscribers: usize,
-    cells: usize,
-    rate: u64,
-    duration: Duration,
-    drivers: usize,
-    batch: usize,
-    tasks: usize,
-    grace: Duration,
-    concurrency: usize,
-) -> anyhow::Result<()> {
+async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
+    let FanoutArgs {
+        url,
+        subscribers,
+        cells,
+        rate,
+        duration,
+        drivers,
+        batch,
+        ingest_tasks: tasks,
+        grace,
+        connect_concurrency: concurrency,
+    } = args;
     let url = url.trim_end_matches('/').to_string();
     let cells = cells.max(subscribers).max(1);
     let grid = Arc::new(Grid::new(cells));
@@ -537,32 +540,7 @@ async fn idle(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().mode {
-        Mode::Fanout {
-            url,
-            subscribers,
-            cells,
-            rate,
-            duration,
-            drivers,
-            batch,
-            ingest_tasks,
-            grace,
-            connect_concurrency,
-        } => {
-            fanout(
-                url,
-                subscribers,
-                cells,
-                rate,
-                duration,
-                drivers,
-                batch,
-                ingest_tasks,
-                grace,
-                connect_concurrency,
-            )
-            .await
-        }
+        Mode::Fanout(args) => fanout(args).await,
         Mode::Idle {
             url,
             connections,

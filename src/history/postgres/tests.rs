@@ -121,6 +121,29 @@ async fn row_counts(pg: &Postgres) -> (i64, i64) {
     }
 }
 
+/// Reads every entry of the stream as a consumer "crashed" that never acknowledges them, as a
+/// worker that died after reading (and perhaps committing) would leave them: pending.
+async fn read_as_crashed_consumer(conn: &mut RedisConn) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(STREAM_KEY)
+        .arg(GROUP)
+        .arg("0")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg("crashed")
+        .arg("STREAMS")
+        .arg(STREAM_KEY)
+        .arg(">")
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
 async fn pending(conn: &mut RedisConn) -> i64 {
     let reply: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
         .arg(STREAM_KEY)
@@ -279,24 +302,7 @@ async fn duplicates_leave_one_row_and_the_later_write_wins() {
     );
     stream.append(&first).await.unwrap();
     stream.append(&first).await.unwrap(); // the same position appended twice
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(STREAM_KEY)
-        .arg(GROUP)
-        .arg("0")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(GROUP)
-        .arg("crashed")
-        .arg("STREAMS")
-        .arg(STREAM_KEY)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    read_as_crashed_consumer(&mut conn).await;
     let mut writer = PgWriter::connect(&pg.url()).await.unwrap();
     let rows: Vec<StoredRow> = first
         .positions
@@ -358,24 +364,7 @@ async fn entries_of_a_crashed_consumer_are_reclaimed() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(STREAM_KEY)
-        .arg(GROUP)
-        .arg("0")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(GROUP)
-        .arg("crashed")
-        .arg("STREAMS")
-        .arg(STREAM_KEY)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    read_as_crashed_consumer(&mut conn).await;
     assert!(pending(&mut conn).await >= 2);
 
     let mut settings = settings(standalone(&redis), &pg);
