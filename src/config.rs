@@ -400,6 +400,11 @@ pub struct WorkerConfig {
     #[arg(long, env = "FLEET_NO_RETENTION")]
     pub no_retention: bool,
 
+    /// Serve this worker's `/metrics` (stream lag, positions written, errors) on this address, e.g.
+    /// 127.0.0.1:9091 (port 0 picks a free one; the address is printed). Off by default.
+    #[arg(long, env = "FLEET_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Log line format.
     #[arg(long, env = "FLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -214,6 +214,19 @@ impl Metrics {
     pub fn run_upkeep(&self) {
         self.inner.handle.run_upkeep();
     }
+
+    /// Runs [`Metrics::run_upkeep`] every second for as long as the runtime lives: samples are
+    /// otherwise held until the next scrape, without bound in a process nobody scrapes.
+    pub fn spawn_upkeep(&self) {
+        let metrics = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                metrics.run_upkeep();
+            }
+        });
+    }
 }
 
 impl Default for Metrics {

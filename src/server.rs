@@ -375,14 +375,7 @@ fn spawn_background_jobs(tracker: &Arc<Tracker>, ttl: Duration) {
             }
         }
     });
-    let upkeep = tracker.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            upkeep.metrics().run_upkeep();
-        }
-    });
+    tracker.metrics().spawn_upkeep();
 }
 
 /// Resolves on the first SIGINT or SIGTERM. The handlers are registered when this is *called*, before

@@ -285,13 +285,39 @@ async fn a_separate_worker_process_drains_the_stream() {
             &redis.url(),
             "--postgres-url",
             &pg.url(),
+            "--metrics-listen",
+            "127.0.0.1:0",
         ])
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start the worker");
+    // Its own /metrics, at the address it prints.
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(worker.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let metrics_url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
     eventually(WAIT, "the worker wrote the positions", || async {
         pg.psql("select count(*) from positions") == "50"
+    })
+    .await;
+    eventually(WAIT, "the worker's metrics show them", || async {
+        let text = reqwest::get(&metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .any(|l| l == "history_worker_positions_total 50")
+            && text.lines().any(|l| l == "history_stream_lag_entries 0")
     })
     .await;
     let _ = worker.kill();

@@ -28,6 +28,7 @@
 //! retention), [`writer`] (one batch into PostgreSQL with `COPY`), [`worker`] (the consumer loop),
 //! [`query`] (tracks read back).
 
+pub mod exporter;
 pub mod query;
 pub mod schema;
 pub mod stream;

@@ -247,8 +247,14 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         tracing::info!("history worker: stopping after the current batch");
         stop.cancel();
     });
+    let metrics = Metrics::new();
+    metrics.spawn_upkeep();
+    if let Some(listen) = config.metrics_listen {
+        let address = super::exporter::start(listen, metrics.clone(), shutdown.clone()).await?;
+        println!("fleettracker worker metrics on http://{address}/metrics");
+    }
     tracing::info!(consumer = %settings.consumer, "history worker starting");
-    run_worker(settings, Metrics::new(), shutdown).await
+    run_worker(settings, metrics, shutdown).await
 }
 
 /// Runs the worker until `shutdown` is cancelled (see the module docs). Errors only if it cannot
