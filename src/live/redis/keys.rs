@@ -4,7 +4,7 @@
 //! standalone                          cluster (hash tag in braces)
 //! drivers:geo                         drivers:geo:{wtw3s}              GEO set: online + busy drivers
 //! drivers:seen:online|busy|offline    drivers:seen:online:{wtw3s} ...  zset: driver → last report (ms)
-//! driver:<id>:meta                    driver:{<id>}:meta               hash: the driver's latest state
+//! driver:<id>:meta                    driver:{m<b>}:<id>:meta          hash: the driver's latest state
 //! -                                   drivers:areas                    set: area cells ever used
 //! ```
 //!
@@ -24,13 +24,30 @@
 //! - **Cluster sharding**: the area keys of one geohash-5 cell ([`super::geohash`]) share the hash
 //!   tag `{cell}`, so one cell's drivers live on one node and can be updated by one script, while a
 //!   city's hundreds of cells spread over all the slots and therefore all the masters. The meta
-//!   hash is tagged with the driver id, so drivers spread evenly regardless of where they are.
+//!   hash is tagged with one of [`META_BUCKETS`] buckets picked by a fixed hash of the driver id
+//!   (`{m0}` .. `{m255}`), so drivers spread evenly over the masters regardless of where they are,
+//!   and a flush of thousands of positions is one compare-and-set script call per bucket. Tagged
+//!   with the id itself (as before), every driver had a slot of its own, and a 1,000-position batch
+//!   became ~1,000 script calls of one position each: the instance's cluster client spent ~14 µs
+//!   per position routing them (BENCHMARKS.md).
 //!   `drivers:areas` lists the cells that ever held a driver (for counts, the sweep and very large
 //!   queries); it only grows, by at most the number of inhabited 5 km cells.
 
 use super::geohash;
 use crate::domain::Status;
 use redis::cluster_routing::Slot;
+
+/// How many hash tags the meta hashes of a cluster are spread over: enough to spread them over
+/// dozens of masters, few enough that a large flush has many positions per script call.
+pub const META_BUCKETS: u32 = 256;
+
+/// The bucket of a driver's meta hash: FNV-1a of the id, so every instance and version agrees.
+pub fn meta_bucket(driver_id: &str) -> u32 {
+    let hash = driver_id.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ b as u32).wrapping_mul(0x0100_0193)
+    });
+    hash % META_BUCKETS
+}
 
 /// Where the keys live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +94,7 @@ impl Layout {
     pub fn meta_key(self, driver_id: &str) -> String {
         match self {
             Layout::Standalone => format!("driver:{driver_id}:meta"),
-            Layout::Cluster => format!("driver:{{{driver_id}}}:meta"),
+            Layout::Cluster => format!("driver:{{m{}}}:{driver_id}:meta", meta_bucket(driver_id)),
         }
     }
 
@@ -104,11 +121,29 @@ mod tests {
         let c = Layout::Cluster;
         assert_eq!(c.area_of(31_230_400, 121_473_700), "wtw3s");
         assert_eq!(c.geo_key("wtw3s"), "drivers:geo:{wtw3s}");
-        assert_eq!(c.meta_key("drv-1"), "driver:{drv-1}:meta");
+        assert_eq!(
+            c.meta_key("drv-1"),
+            format!("driver:{{m{}}}:drv-1:meta", meta_bucket("drv-1"))
+        );
+        // A brace in an id cannot move its hash tag: the bucket's comes first.
+        assert!(c.meta_key("a{x}b").starts_with("driver:{m"));
         assert_eq!(c.seen_keys("wtw3s")[2], "drivers:seen:offline:{wtw3s}");
         assert_eq!(
             c.slot("drivers:geo:{wtw3s}"),
             c.slot("drivers:seen:busy:{wtw3s}")
         );
+    }
+
+    #[test]
+    fn meta_buckets_are_fixed_and_even() {
+        // Fixed values: changing the hash would orphan every meta hash of a running cluster.
+        assert_eq!(meta_bucket("drv-1"), 101);
+        assert_eq!(meta_bucket(""), 0x811c_9dc5 % META_BUCKETS);
+        let mut counts = vec![0u32; META_BUCKETS as usize];
+        for i in 0..100_000 {
+            counts[meta_bucket(&format!("drv-{i}")) as usize] += 1;
+        }
+        let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+        assert!(*min > 250 && *max < 550, "uneven buckets: {min}..{max}");
     }
 }
