@@ -29,10 +29,10 @@
 //!
 //! On one server, [`UPSERT`] updates the meta hash and the area keys in one script: fully atomic.
 //! In a cluster a script may only touch keys of one hash slot, and the meta hash (slot of the
-//! driver id) and the area keys (slot of the geohash cell) are on different slots, so an upsert is
-//! two steps: [`CAS`] on the meta hashes (grouped by slot) returns whether each position applied and
-//! the driver's previous area, then [`AREA`] (grouped by area slot) adds the driver to its new area
-//! and removes it from the old one. See [`super::upsert`] for what can go wrong in between.
+//! driver's meta bucket, [`super::keys::meta_bucket`]) and the area keys (slot of the geohash cell)
+//! are on different slots, so an upsert is two steps: [`CAS`] on the meta hashes (grouped by slot)
+//! returns whether each position applied and the driver's previous area, then [`AREA`] (grouped by
+//! area slot) adds the driver to its new area and removes it from the old one. See [`super::upsert`] for what can go wrong in between.
 //!
 //! Within a script call, the area writes are collected and sent as one multi-member `ZADD`/`ZREM`
 //! per key; GEO members are written with `ZADD` and a score computed by the instance
