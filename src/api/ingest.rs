@@ -9,8 +9,12 @@
 //! An error keeps the connection open; more than 10 of them within 10 s close it (1008, "too
 //! many invalid messages"). A message over 1 MiB closes it (1009), as such a body is a 413 over
 //! HTTP.
+//!
+//! A device key with a signing secret ([`crate::trust::signing`]) signs the upgrade request, as a
+//! write with an empty body: WebSocket messages carry no headers, so the connection is what is
+//! signed, and a leaked bearer token alone cannot open one.
 
-use super::auth::Caller;
+use super::auth::{verify_signature, Caller};
 use super::error::ApiError;
 use super::extract::{json_error, MAX_BODY_BYTES};
 use super::locations::{check_batch, summary, BatchInput, Rejected};
@@ -22,6 +26,7 @@ use crate::trust::keys::Principal;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use std::time::Instant;
@@ -47,9 +52,12 @@ pub struct IngestAck {
         `{\"type\":\"error\",\"error\":{\"code\",\"message\",\"details\"}}` when the message is not JSON \
         (`malformed_json`) or not a position or a batch (`validation_failed`). Errors keep the connection open; \
         more than 10 within 10 s close it with code 1008. A message over 1 MiB closes it with 1009; a draining \
-        server closes it with 1001.",
+        server closes it with 1001. A device key created with a signing secret must sign the upgrade request \
+        (`X-Signature-Timestamp`, `X-Signature` over `\"{timestamp}.\"`, the empty body): the messages of a \
+        connection opened that way count as signed.",
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 401, description = "No valid key, or the key's signature is missing or wrong", body = super::error::ErrorResponse),
         (status = 426, description = "Not a WebSocket upgrade request", body = super::error::ErrorResponse),
         (status = 503, description = "The service is draining", body = super::error::ErrorResponse),
     )
@@ -57,8 +65,14 @@ pub struct IngestAck {
 pub async fn ingest(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    // Messages carry no headers: a key that signs its writes signs the connection instead, or a
+    // stolen bearer token alone could report positions over this socket.
+    if let Err(unsigned) = verify_signature(&state.trust, &caller, &headers, b"") {
+        return unsigned.into_response();
+    }
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
         Err(rejection) => {

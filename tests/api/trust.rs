@@ -474,6 +474,58 @@ async fn signed_devices_must_sign_their_writes() {
     assert_error(r, StatusCode::UNAUTHORIZED, "unauthorized").await;
 }
 
+#[tokio::test]
+async fn signed_devices_must_sign_their_ingest_socket() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+    let keys = Keys::new();
+    let (device, secret) = keys.create("acme", "device", &["--driver", "s1", "--signing"]);
+    let secret = secret.expect("signing secret");
+    let s = keys.serve(&[]);
+    let open = |signature: Option<(String, String)>| {
+        let mut request = format!("ws://{}/v1/ingest?access_token={device}", s.addr)
+            .into_client_request()
+            .unwrap();
+        if let Some((timestamp, sig)) = signature {
+            let headers = request.headers_mut();
+            headers.insert("x-signature-timestamp", timestamp.parse().unwrap());
+            headers.insert("x-signature", sig.parse().unwrap());
+        }
+        tokio_tungstenite::connect_async(request)
+    };
+    let refused = |result: Result<_, WsError>| match result {
+        Err(WsError::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("expected an HTTP answer, got {other}"),
+        Ok(_) => panic!("an unsigned or badly signed socket was opened"),
+    };
+
+    // The bearer token alone does not open a socket, nor does a signature by another secret.
+    assert_eq!(refused(open(None).await), 401);
+    let now = chrono::Utc::now().timestamp().to_string();
+    let forged = fleettracker::trust::signing::sign("fts_wrong", &now, b"");
+    assert_eq!(refused(open(Some((now.clone(), forged))).await), 401);
+    let stale = (chrono::Utc::now().timestamp() - 600).to_string();
+    let old = fleettracker::trust::signing::sign(&secret, &stale, b"");
+    assert_eq!(refused(open(Some((stale, old))).await), 401);
+
+    // A signed upgrade opens it, and its messages are applied.
+    let good = fleettracker::trust::signing::sign(&secret, &now, b"");
+    let (mut socket, _) = open(Some((now, good))).await.expect("signed socket");
+    socket
+        .send(Message::text(fix("s1", 31.2, 121.4).to_string()))
+        .await
+        .unwrap();
+    let ack = loop {
+        match socket.next().await {
+            Some(Ok(Message::Text(t))) => break serde_json::from_str::<Value>(&t).unwrap(),
+            Some(Ok(_)) => continue,
+            other => panic!("socket ended before the ack: {other:?}"),
+        }
+    };
+    assert_eq!(ack["accepted"], 1, "{ack}");
+}
+
 #[test]
 fn open_mode_refuses_a_public_address_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();
