@@ -476,7 +476,7 @@ async fn signed_devices_must_sign_their_writes() {
 
 #[tokio::test]
 async fn signed_devices_must_sign_their_ingest_socket() {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::{Error as WsError, Message};
     let keys = Keys::new();
@@ -516,13 +516,7 @@ async fn signed_devices_must_sign_their_ingest_socket() {
         .send(Message::text(fix("s1", 31.2, 121.4).to_string()))
         .await
         .unwrap();
-    let ack = loop {
-        match socket.next().await {
-            Some(Ok(Message::Text(t))) => break serde_json::from_str::<Value>(&t).unwrap(),
-            Some(Ok(_)) => continue,
-            other => panic!("socket ended before the ack: {other:?}"),
-        }
-    };
+    let ack = next(&mut socket).await;
     assert_eq!(ack["accepted"], 1, "{ack}");
 }
 
@@ -590,7 +584,7 @@ async fn metrics_can_require_a_key() {
 
 #[tokio::test]
 async fn tenants_are_isolated_on_sse_device_sockets_and_anomalies() {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let keys = Keys::new();
     let (acme_device, _) = keys.create("acme", "device", &["--driver", "d1"]);
@@ -611,11 +605,7 @@ async fn tenants_are_isolated_on_sse_device_sockets_and_anomalies() {
         .send(Message::text(fix("d1", 31.2, 121.4).to_string()))
         .await
         .unwrap();
-    let ack = loop {
-        if let Some(Ok(Message::Text(t))) = device.next().await {
-            break serde_json::from_str::<Value>(&t).unwrap();
-        }
-    };
+    let ack = next(&mut device).await;
     assert_eq!(ack["accepted"], 1, "{ack}");
     let r = get(&s, &zeta_reader, "/v1/drivers/d1").await;
     assert_error(r, StatusCode::NOT_FOUND, "not_found").await;
