@@ -136,6 +136,41 @@ async fn offline_is_kept_but_not_searched(target: &RedisTarget) {
     assert_eq!(live.nearby(&q).await.unwrap().len(), 1);
 }
 
+/// One tenant's counts: only ids with its prefix (characters special to Redis globs taken
+/// literally), over sets of thousands of members in several areas.
+async fn tenant_counts_see_only_the_tenant(target: &RedisTarget) {
+    let live = fresh(target, TTL).await;
+    let mut positions = Vec::new();
+    for i in 0..3000 {
+        let status = Status::from_index((i % 3) as u8);
+        // Spread over a few cells so the cluster counts several areas.
+        let lat = 31_100_000 + (i % 50) * 4_000;
+        let lon = 121_400_000 + (i / 50) * 2_000;
+        let tenant = if i % 5 == 0 { "zeta" } else { "acme" };
+        positions.push(pos(&format!("{tenant}/d{i}"), lat, lon, status, T0));
+    }
+    positions.push(pos("ac*/x", 31_100_000, 121_400_000, Status::Online, T0));
+    for chunk in positions.chunks(700) {
+        live.upsert(chunk).await.unwrap();
+    }
+    let want = |tenant: &str| {
+        let mut c = StatusCounts::default();
+        for p in positions.iter().filter(|p| p.driver_id.starts_with(tenant)) {
+            c.add(p.status, 1);
+        }
+        (c.online, c.busy, c.offline)
+    };
+    for tenant in ["acme/", "zeta/", "ac*/", "nobody/"] {
+        let got = live.counts_in(tenant).await.unwrap();
+        assert_eq!(
+            (got.online, got.busy, got.offline),
+            want(tenant),
+            "{tenant}"
+        );
+    }
+    assert_eq!(want("acme/").0 + want("acme/").1 + want("acme/").2, 2400);
+}
+
 fn statuses(rng: &mut StdRng) -> StatusSet {
     let mut set = StatusSet::empty();
     match rng.random_range(0..4) {
@@ -308,6 +343,7 @@ async fn expiry_removes_silent_drivers_once(target: &RedisTarget) {
 async fn contract(target: &RedisTarget) {
     round_trip_and_stale(target).await;
     offline_is_kept_but_not_searched(target).await;
+    tenant_counts_see_only_the_tenant(target).await;
     queries_match_the_embedded_index(target).await;
     expiry_removes_silent_drivers_once(target).await;
 }
