@@ -32,7 +32,8 @@
 //! driver's meta bucket, [`super::keys::meta_bucket`]) and the area keys (slot of the geohash cell)
 //! are on different slots, so an upsert is two steps: [`CAS`] on the meta hashes (grouped by slot)
 //! returns whether each position applied and the driver's previous area, then [`AREA`] (grouped by
-//! area slot) adds the driver to its new area and removes it from the old one. See [`super::upsert`] for what can go wrong in between.
+//! area slot) adds the driver to its new area and removes it from the old one. See
+//! [`super::upsert`] for what can go wrong in between.
 //!
 //! Within a script call, the area writes are collected and sent as one multi-member `ZADD`/`ZREM`
 //! per key; GEO members are written with `ZADD` and a score computed by the instance

@@ -136,8 +136,8 @@ async fn offline_is_kept_but_not_searched(target: &RedisTarget) {
     assert_eq!(live.nearby(&q).await.unwrap().len(), 1);
 }
 
-/// One tenant's counts: only ids with its prefix (characters special to Redis globs taken
-/// literally), over sets of thousands of members in several areas.
+/// One tenant's counts: only ids with its prefix (a `*` in it matches only itself), over sets of
+/// thousands of members in several areas.
 async fn tenant_counts_see_only_the_tenant(target: &RedisTarget) {
     let live = fresh(target, TTL).await;
     let mut positions = Vec::new();
