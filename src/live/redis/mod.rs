@@ -437,34 +437,30 @@ impl Shared {
         }
     }
 
-    /// Drivers by status from every area's status sets: their sizes, or with `prefix` the members
-    /// whose id starts with it (one tenant's; O(drivers)).
+    /// Drivers by status from every area: the sizes of its seen sets, or with `prefix` (one
+    /// tenant's, `tenant/`) the size of that id range of its rosters.
     async fn counts(&self, prefix: Option<&str>) -> Result<StatusCounts, RedisLiveError> {
         let areas = self.all_areas().await?;
+        let range = prefix.map(keys::lex_range);
         let mut calls = Vec::new();
         for group in self.by_slot(areas, |a| self.layout.geo_key(a)) {
             let mut pipe = redis::pipe();
             for area in &group {
-                for key in self.layout.seen_keys(area) {
-                    match prefix {
-                        None => pipe.cmd("ZCARD").arg(key),
-                        Some(_) => pipe.cmd("ZRANGE").arg(key).arg(0).arg(-1),
-                    };
+                match &range {
+                    None => {
+                        for key in self.layout.seen_keys(area) {
+                            pipe.cmd("ZCARD").arg(key);
+                        }
+                    }
+                    Some((from, to)) => {
+                        for key in self.layout.roster_keys(area) {
+                            pipe.cmd("ZLEXCOUNT").arg(key).arg(from).arg(to);
+                        }
+                    }
                 }
             }
-            let (mut conn, prefix) = (self.conn(), prefix.map(str::to_owned));
-            calls.push(async move {
-                let sizes: Vec<u64> = match prefix {
-                    None => pipe.query_async(&mut conn).await?,
-                    Some(p) => pipe
-                        .query_async::<Vec<Vec<String>>>(&mut conn)
-                        .await?
-                        .iter()
-                        .map(|members| members.iter().filter(|m| m.starts_with(&p)).count() as u64)
-                        .collect(),
-                };
-                Ok::<_, redis::RedisError>(sizes)
-            });
+            let mut conn = self.conn();
+            calls.push(async move { pipe.query_async::<Vec<u64>>(&mut conn).await });
         }
         let mut counts = StatusCounts::default();
         for result in join_all(calls).await {

@@ -39,7 +39,8 @@
 //! per key; GEO members are written with `ZADD` and a score computed by the instance
 //! ([`geo_score`], Redis' own 52-bit geohash), which is what `GEOADD` does minus its parsing: the
 //! per-position cost inside Redis is then the meta hash (HMGET, HSET, PEXPIRE) and a share of
-//! the set writes.
+//! the set writes. Every write to a seen set is mirrored to the roster of the same status for
+//! tenants' drivers (ids with a `/`), so the two hold the same tenant members ([`super::keys`]).
 
 use super::RedisLiveError;
 use crate::backend::redis::RedisConn;
@@ -77,21 +78,29 @@ local function note(w, id, score, st, pst, keep_seen)
     w.prev[id][pst] = true
   end
 end
-local function flush(w, geo, seen)
+local function flush(w, geo, seen, roster)
   local gadd, grem = {}, {}
   local sadd = {online = {}, busy = {}, offline = {}}
   local srem = {online = {}, busy = {}, offline = {}}
+  local radd = {online = {}, busy = {}, offline = {}}
+  local rrem = {online = {}, busy = {}, offline = {}}
   for _, id in ipairs(w.order) do
     local g = w.geo[id]
     if g then gadd[#gadd + 1] = g; gadd[#gadd + 1] = id else grem[#grem + 1] = id end
     local st = w.status[id]
+    -- Tenants' drivers (`tenant/driver`) are mirrored in the rosters.
+    local tenant = string.find(id, '/', 1, true)
     if w.touch[id] then
       local a = sadd[st]
       a[#a + 1] = now_s; a[#a + 1] = id
+      if tenant then local r = radd[st]; r[#r + 1] = '0'; r[#r + 1] = id end
     end
     if w.prev[id] then
       for s, _ in pairs(w.prev[id]) do
-        if s ~= st and srem[s] then local r = srem[s]; r[#r + 1] = id end
+        if s ~= st and srem[s] then
+          local r = srem[s]; r[#r + 1] = id
+          if tenant then r = rrem[s]; r[#r + 1] = id end
+        end
       end
     end
   end
@@ -100,20 +109,30 @@ local function flush(w, geo, seen)
   for s, key in pairs(seen) do
     if #srem[s] > 0 then redis.call('ZREM', key, unpack(srem[s])) end
     if #sadd[s] > 0 then redis.call('ZADD', key, unpack(sadd[s])) end
+    if #rrem[s] > 0 then redis.call('ZREM', roster[s], unpack(rrem[s])) end
+    if #radd[s] > 0 then redis.call('ZADD', roster[s], unpack(radd[s])) end
   end
+end
+-- The seen sets and rosters of the area whose keys start at KEYS[k + 1] (geo, 3 seen, 3 rosters).
+local function seen_of(k)
+  return {online = KEYS[k + 2], busy = KEYS[k + 3], offline = KEYS[k + 4]}
+end
+local function roster_of(k)
+  return {online = KEYS[k + 5], busy = KEYS[k + 6], offline = KEYS[k + 7]}
 end
 "#;
 
-/// Standalone upsert: KEYS = geo, seen online/busy/offline, then one meta hash per position;
+/// Standalone upsert: KEYS = geo, seen online/busy/offline, rosters online/busy/offline, then one
+/// meta hash per position;
 /// ARGV = ttl ms, meta expiry ms, seen refresh ms, then 9 per position (id ts lat lon status speed heading
 /// accuracy geo-score). Returns 1 (applied) or 0 (stale) per position.
 const UPSERT_BODY: &str = r#"
 local ttl, keep, refresh = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local w = writes()
 local out = {}
-for i = 5, #KEYS do
+for i = 8, #KEYS do
   local meta = KEYS[i]
-  local a = 4 + (i - 5) * 9
+  local a = 4 + (i - 8) * 9
   local id, ts, st = ARGV[a], ARGV[a + 1], ARGV[a + 4]
   local cur = newer(meta, ts, ttl)
   if cur then
@@ -134,7 +153,7 @@ for i = 5, #KEYS do
     out[#out + 1] = 0
   end
 end
-flush(w, KEYS[1], {online = KEYS[2], busy = KEYS[3], offline = KEYS[4]})
+flush(w, KEYS[1], seen_of(0), roster_of(0))
 return out
 "#;
 
@@ -166,19 +185,18 @@ end
 return out
 "#;
 
-/// Cluster step 2, on one slot's areas: KEYS = 4 per area (geo, seen online/busy/offline); ARGV = 5
+/// Cluster step 2, on one slot's areas: KEYS = 7 per area (geo, seen sets, rosters); ARGV = 5
 /// per operation: area number (1-based), id, geo score, status, previous status in this area
-/// ('' none, '*' unknown); status 'del' removes the driver from the area's four keys.
+/// ('' none, '*' unknown); status 'del' removes the driver from the area's keys.
 const AREA_BODY: &str = r#"
 local names = {'online', 'busy', 'offline'}
 local areas = {}
 for a = 1, #ARGV, 5 do
   local g = tonumber(ARGV[a])
   local id, score, st, pst = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local k = (g - 1) * 4
+  local k = (g - 1) * 7
   if st == 'del' then
-    redis.call('ZREM', KEYS[k + 1], id)
-    for s = 1, 3 do redis.call('ZREM', KEYS[k + 1 + s], id) end
+    for s = 1, 7 do redis.call('ZREM', KEYS[k + s], id) end
   else
     areas[g] = areas[g] or writes()
     if pst == '*' then
@@ -188,13 +206,13 @@ for a = 1, #ARGV, 5 do
   end
 end
 for g, w in pairs(areas) do
-  local k = (g - 1) * 4
-  flush(w, KEYS[k + 1], {online = KEYS[k + 2], busy = KEYS[k + 3], offline = KEYS[k + 4]})
+  local k = (g - 1) * 7
+  flush(w, KEYS[k + 1], seen_of(k), roster_of(k))
 end
 return 1
 "#;
 
-/// The expiry sweep of one area: KEYS = geo, seen online/busy/offline; ARGV = age ms (the TTL plus
+/// The expiry sweep of one area: KEYS = geo, seen sets, rosters; ARGV = age ms (the TTL plus
 /// the seen refresh interval), limit. Removes drivers whose seen score is that old or older from the seen set and the GEO set; returns
 /// `{more, id, status, id, status, ...}` (more = 1 when a limit was hit). A driver that is still
 /// fresh in another seen set of the area (its status changed after its meta hash was gone) stays
@@ -209,6 +227,7 @@ for s = 1, 3 do
   if #ids >= limit then out[1] = 1 end
   for _, id in ipairs(ids) do
     redis.call('ZREM', KEYS[1 + s], id)
+    if string.find(id, '/', 1, true) then redis.call('ZREM', KEYS[4 + s], id) end
     local live = false
     for o = 1, 3 do
       if o ~= s then

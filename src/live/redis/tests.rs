@@ -137,7 +137,7 @@ async fn offline_is_kept_but_not_searched(target: &RedisTarget) {
 }
 
 /// One tenant's counts: only ids with its prefix (a `*` in it matches only itself), over sets of
-/// thousands of members in several areas.
+/// thousands of members in several areas, after status changes and moves across areas too.
 async fn tenant_counts_see_only_the_tenant(target: &RedisTarget) {
     let live = fresh(target, TTL).await;
     let mut positions = Vec::new();
@@ -150,25 +150,43 @@ async fn tenant_counts_see_only_the_tenant(target: &RedisTarget) {
         positions.push(pos(&format!("{tenant}/d{i}"), lat, lon, status, T0));
     }
     positions.push(pos("ac*/x", 31_100_000, 121_400_000, Status::Online, T0));
+    positions.push(pos("acme", 31_100_000, 121_400_000, Status::Online, T0));
     for chunk in positions.chunks(700) {
         live.upsert(chunk).await.unwrap();
     }
-    let want = |tenant: &str| {
-        let mut c = StatusCounts::default();
-        for p in positions.iter().filter(|p| p.driver_id.starts_with(tenant)) {
-            c.add(p.status, 1);
+    let check = |latest: Vec<Position>| {
+        let live = live.clone();
+        async move {
+            for tenant in ["acme/", "zeta/", "ac*/", "nobody/"] {
+                let mut want = StatusCounts::default();
+                for p in latest.iter().filter(|p| p.driver_id.starts_with(tenant)) {
+                    want.add(p.status, 1);
+                }
+                let got = live.counts_in(tenant).await.unwrap();
+                assert_eq!(
+                    (got.online, got.busy, got.offline),
+                    (want.online, want.busy, want.offline),
+                    "{tenant}"
+                );
+            }
         }
-        (c.online, c.busy, c.offline)
     };
-    for tenant in ["acme/", "zeta/", "ac*/", "nobody/"] {
-        let got = live.counts_in(tenant).await.unwrap();
-        assert_eq!(
-            (got.online, got.busy, got.offline),
-            want(tenant),
-            "{tenant}"
-        );
+    check(positions.clone()).await;
+    assert_eq!(live.counts_in("acme/").await.unwrap().total(), 2400);
+
+    // Every third driver changes status, and every seventh moves across town (another area in a
+    // cluster): the counts follow.
+    for (i, p) in positions.iter_mut().enumerate().filter(|(i, _)| i % 3 == 0) {
+        p.status = Status::from_index(((i / 3) % 3) as u8);
+        p.timestamp += 1;
+        if i % 7 == 0 {
+            p.lat_e6 += 300_000;
+        }
     }
-    assert_eq!(want("acme/").0 + want("acme/").1 + want("acme/").2, 2400);
+    for chunk in positions.chunks(700) {
+        live.upsert(chunk).await.unwrap();
+    }
+    check(positions).await;
 }
 
 fn statuses(rng: &mut StdRng) -> StatusSet {
@@ -296,24 +314,29 @@ async fn queries_match_the_embedded_index(target: &RedisTarget) {
 async fn expiry_removes_silent_drivers_once(target: &RedisTarget) {
     let ttl = Duration::from_millis(800);
     let live = fresh(target, ttl).await;
+    // A tenant's drivers (`t/`), so the tenant's counts are checked too.
     let old = vec![
-        pos("e1", 31_230_400, 121_473_700, Status::Online, T0),
-        pos("e2", 31_330_400, 121_373_700, Status::Online, T0),
-        pos("e3", 31_130_400, 121_573_700, Status::Busy, T0),
-        pos("e4", 31_230_400, 121_473_700, Status::Offline, T0),
+        pos("t/e1", 31_230_400, 121_473_700, Status::Online, T0),
+        pos("t/e2", 31_330_400, 121_373_700, Status::Online, T0),
+        pos("t/e3", 31_130_400, 121_573_700, Status::Busy, T0),
+        pos("t/e4", 31_230_400, 121_473_700, Status::Offline, T0),
     ];
     live.upsert(&old).await.unwrap();
     tokio::time::sleep(ttl + Duration::from_millis(200)).await;
-    let fresh_one = pos("e5", 31_230_400, 121_473_700, Status::Online, T0);
+    let fresh_one = pos("t/e5", 31_230_400, 121_473_700, Status::Online, T0);
     live.upsert(std::slice::from_ref(&fresh_one)).await.unwrap();
-    assert_eq!(live.get("e1").await.unwrap(), None);
-    assert_eq!(live.get("e5").await.unwrap(), Some(fresh_one));
+    assert_eq!(live.get("t/e1").await.unwrap(), None);
+    assert_eq!(live.get("t/e5").await.unwrap(), Some(fresh_one));
     let mut removed = live.expire().await.unwrap();
     removed.sort_by(|a, b| a.driver_id.cmp(&b.driver_id));
     assert_eq!(removed, old);
     assert!(live.expire().await.unwrap().is_empty(), "reported once");
-    let counts = live.counts().await.unwrap();
-    assert_eq!((counts.online, counts.busy, counts.offline), (1, 0, 0));
+    for counts in [
+        live.counts().await.unwrap(),
+        live.counts_in("t/").await.unwrap(),
+    ] {
+        assert_eq!((counts.online, counts.busy, counts.offline), (1, 0, 0));
+    }
     let q = NearbyQuery {
         lat_e6: 31_230_400,
         lon_e6: 121_473_700,
@@ -336,7 +359,7 @@ async fn expiry_removes_silent_drivers_once(target: &RedisTarget) {
     }
     assert_eq!(members, 1);
     // An expired driver starts afresh with any timestamp.
-    let back = pos("e1", 31_230_400, 121_473_700, Status::Online, T0 - 5);
+    let back = pos("t/e1", 31_230_400, 121_473_700, Status::Online, T0 - 5);
     assert_eq!(live.upsert(&[back]).await.unwrap(), [Upsert::Applied]);
 }
 

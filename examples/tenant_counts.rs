@@ -1,0 +1,113 @@
+//! What one tenant's `/v1/stats` costs with the Redis live store: loads DRIVERS (default
+//! 1,000,000) drivers of 20 tenants through `RedisLive::upsert`, then times `counts_in` (one
+//! tenant) and `counts` (everyone), and reports Redis' slowest commands and memory.
+//!
+//! ```text
+//! cargo run --release --example tenant_counts              # throwaway redis-server
+//! cargo run --release --example tenant_counts -- redis://127.0.0.1:6390/
+//! ```
+
+use fleettracker::backend::redis::RedisTarget;
+use fleettracker::domain::{now_micros, Position, Status};
+use fleettracker::live::redis::RedisLive;
+use fleettracker::metrics::Metrics;
+use std::time::{Duration, Instant};
+
+const TENANTS: u64 = 20;
+const ROUNDS: u32 = 20;
+
+fn position(i: u64, now: i64) -> Position {
+    Position {
+        driver_id: format!("fleet{}/drv-{i}", i % TENANTS).into(),
+        lat_e6: 31_100_000 + (i.wrapping_mul(7919) % 250_000) as i32,
+        lon_e6: 121_300_000 + (i.wrapping_mul(104_729) % 350_000) as i32,
+        status: Status::from_index((i % 3) as u8),
+        timestamp: now,
+        speed_mps: Some(8.0),
+        heading_deg: None,
+        accuracy_m: None,
+    }
+}
+
+/// Mean wall time of `ROUNDS` calls of `f`.
+async fn time<F: std::future::Future>(mut f: impl FnMut() -> F) -> Duration {
+    let started = Instant::now();
+    for _ in 0..ROUNDS {
+        f().await;
+    }
+    started.elapsed() / ROUNDS
+}
+
+async fn info_field(conn: &mut redis::aio::MultiplexedConnection, field: &str) -> String {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn main() -> anyhow::Result<()> {
+    let drivers: u64 = std::env::var("DRIVERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    let _server;
+    let url = match std::env::args().nth(1) {
+        Some(url) => url,
+        None => {
+            let server = fleettracker_testkit::RedisServer::start();
+            let url = server.url();
+            _server = server;
+            url
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let target = RedisTarget::parse(&url, false);
+        let live = RedisLive::connect(&target, Duration::from_secs(3600), &Metrics::new()).await?;
+        let mut conn = redis::Client::open(url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let now = now_micros();
+        let loading = Instant::now();
+        let ids: Vec<u64> = (0..drivers).collect();
+        for chunk in ids.chunks(10_000) {
+            let batch: Vec<Position> = chunk.iter().map(|&i| position(i, now)).collect();
+            live.upsert(&batch).await?;
+        }
+        println!("loaded {drivers} drivers in {:.1?}", loading.elapsed());
+        println!(
+            "used_memory_human: {}",
+            info_field(&mut conn, "used_memory_human").await
+        );
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("slowlog-log-slower-than")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        let _: () = redis::cmd("SLOWLOG")
+            .arg("RESET")
+            .query_async(&mut conn)
+            .await?;
+        let one = time(|| live.counts_in("fleet7/")).await;
+        let got = live.counts_in("fleet7/").await?;
+        let all = time(|| live.counts()).await;
+        println!(
+            "one tenant's counts: {one:.2?} per call ({} drivers); everyone's: {all:.2?} per call",
+            got.total()
+        );
+        let slow: u64 = redis::cmd("SLOWLOG")
+            .arg("LEN")
+            .query_async(&mut conn)
+            .await?;
+        println!("Redis commands that took ≥ 1 ms meanwhile: {slow}");
+        Ok(())
+    })
+}
