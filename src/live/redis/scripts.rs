@@ -196,7 +196,9 @@ for a = 1, #ARGV, 5 do
   local id, score, st, pst = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local k = (g - 1) * 7
   if st == 'del' then
-    for s = 1, 7 do redis.call('ZREM', KEYS[k + s], id) end
+    -- Rosters hold only tenants' drivers: open-mode ids skip the three calls.
+    local last = string.find(id, '/', 1, true) and 7 or 4
+    for s = 1, last do redis.call('ZREM', KEYS[k + s], id) end
   else
     areas[g] = areas[g] or writes()
     if pst == '*' then
