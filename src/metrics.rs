@@ -89,7 +89,20 @@ fn status_labels(name: &'static str) -> [Key; 3] {
 }
 
 impl Metrics {
+    /// The metrics of a server: every series of the table above.
     pub fn new() -> Metrics {
+        Metrics::build(true)
+    }
+
+    /// The metrics of a process that serves no API (`fleettracker worker`): the server's own
+    /// series (driver updates and gauges, store writes) are not registered, so its `/metrics`
+    /// holds only what it records itself instead of also showing those at zero — a
+    /// `drivers_active 0` from a worker target would read as "no drivers" on a dashboard.
+    pub fn for_worker() -> Metrics {
+        Metrics::build(false)
+    }
+
+    fn build(server: bool) -> Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), HTTP_BUCKETS)
             .and_then(|b| {
@@ -104,9 +117,19 @@ impl Metrics {
             .build_recorder();
         describe(&recorder);
         let handle = recorder.handle();
-        let updates = status_labels(UPDATES).map(|k| recorder.register_counter(&k, &METADATA));
-        let active = status_labels(ACTIVE).map(|k| recorder.register_gauge(&k, &METADATA));
-        let store_write = recorder.register_histogram(&Key::from_name(STORE_WRITE), &METADATA);
+        let (updates, active, store_write) = if server {
+            (
+                status_labels(UPDATES).map(|k| recorder.register_counter(&k, &METADATA)),
+                status_labels(ACTIVE).map(|k| recorder.register_gauge(&k, &METADATA)),
+                recorder.register_histogram(&Key::from_name(STORE_WRITE), &METADATA),
+            )
+        } else {
+            (
+                [(); 3].map(|()| Counter::noop()),
+                [(); 3].map(|()| Gauge::noop()),
+                Histogram::noop(),
+            )
+        };
         Metrics {
             inner: Arc::new(Inner {
                 recorder,

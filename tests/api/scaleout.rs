@@ -320,6 +320,20 @@ async fn a_separate_worker_process_drains_the_stream() {
             && text.lines().any(|l| l == "history_stream_lag_entries 0")
     })
     .await;
+    // Only the worker's own series: none of the server's at zero.
+    let text = reqwest::get(&metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for server_series in [
+        "drivers_active",
+        "driver_updates_total",
+        "location_store_write",
+    ] {
+        assert!(!text.contains(server_series), "{server_series} in {text}");
+    }
     let _ = worker.kill();
     let _ = worker.wait();
 }

@@ -247,7 +247,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         tracing::info!("history worker: stopping after the current batch");
         stop.cancel();
     });
-    let metrics = Metrics::new();
+    let metrics = Metrics::for_worker();
     metrics.spawn_upkeep();
     if let Some(listen) = config.metrics_listen {
         let address = super::exporter::start(listen, metrics.clone(), shutdown.clone()).await?;
