@@ -308,25 +308,23 @@ async fn a_separate_worker_process_drains_the_stream() {
         pg.psql("select count(*) from positions") == "50"
     })
     .await;
-    eventually(WAIT, "the worker's metrics show them", || async {
-        let text = reqwest::get(&metrics_url)
+    let metrics_text = || async {
+        reqwest::get(&metrics_url)
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    };
+    eventually(WAIT, "the worker's metrics show them", || async {
+        let text = metrics_text().await;
         text.lines()
             .any(|l| l == "history_worker_positions_total 50")
             && text.lines().any(|l| l == "history_stream_lag_entries 0")
     })
     .await;
     // Only the worker's own series: none of the server's at zero.
-    let text = reqwest::get(&metrics_url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text().await;
     for server_series in [
         "drivers_active",
         "driver_updates_total",
