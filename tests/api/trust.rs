@@ -1,6 +1,7 @@
 //! Trust over HTTP: API keys and roles, tenant isolation on every endpoint, rate limits, the GPS
 //! sanity filters and anomalies, Idempotency-Key, request signing, open mode rules, admin keys.
 
+use crate::contract::{Deployment, Store};
 use crate::keys_cli::field;
 use crate::streams::{next, subscribe};
 use crate::support::*;
@@ -43,10 +44,15 @@ impl Keys {
     }
 
     fn serve(&self, extra: &[&str]) -> Server {
+        self.serve_on(Store::Memory, extra).server
+    }
+
+    /// A server on `store` with these keys.
+    fn serve_on(&self, store: Store, extra: &[&str]) -> Deployment {
         let dir = self.dir.path().to_str().unwrap().to_string();
         let mut args = vec!["--data-dir", dir.as_str()];
         args.extend_from_slice(extra);
-        Server::start_with(&args, &[])
+        store.start(&args)
     }
 }
 
@@ -123,18 +129,34 @@ async fn keys_and_roles_guard_every_endpoint() {
     assert_error(r, StatusCode::FORBIDDEN, "forbidden").await;
 }
 
+/// Tenant isolation holds whichever live store holds the positions.
 #[tokio::test]
 async fn tenants_never_see_each_other() {
+    tenants_never_see_each_other_on(Store::Memory).await;
+}
+
+#[tokio::test]
+async fn tenants_never_see_each_other_on_redis() {
+    tenants_never_see_each_other_on(Store::Redis).await;
+}
+
+#[tokio::test]
+async fn tenants_never_see_each_other_on_a_redis_cluster() {
+    tenants_never_see_each_other_on(Store::RedisCluster).await;
+}
+
+async fn tenants_never_see_each_other_on(store: Store) {
     let keys = Keys::new();
     let (acme_device, _) = keys.create("acme", "device", &["--driver", "d1"]);
     let (acme_reader, _) = keys.create("acme", "reader", &[]);
     let (zeta_device, _) = keys.create("zeta", "device", &["--driver", "d1"]);
     let (zeta_reader, _) = keys.create("zeta", "reader", &[]);
     let (zeta_admin, _) = keys.create("zeta", "admin", &[]);
-    let s = keys.serve(&[]);
+    let deployment = keys.serve_on(store, &[]);
+    let s = &deployment.server;
 
     let (mut acme_ws, snapshot) = subscribe(
-        &s,
+        s,
         &format!("bbox=121.0,31.0,122.0,32.0&access_token={acme_reader}"),
     )
     .await;
@@ -142,13 +164,13 @@ async fn tenants_never_see_each_other() {
     // The same driver id in two tenants: two different drivers (zeta's through the batch endpoint).
     let batch = json!({"locations": [fix("d1", 31.30, 121.50)]});
     assert_eq!(
-        post(&s, &zeta_device, "/v1/locations/batch", &batch)
+        post(s, &zeta_device, "/v1/locations/batch", &batch)
             .await
             .status(),
         StatusCode::ACCEPTED
     );
     assert_eq!(
-        post(&s, &acme_device, "/v1/locations", &fix("d1", 31.20, 121.40))
+        post(s, &acme_device, "/v1/locations", &fix("d1", 31.20, 121.40))
             .await
             .status(),
         StatusCode::ACCEPTED
@@ -161,8 +183,8 @@ async fn tenants_never_see_each_other() {
         "{m}"
     );
 
-    let acme = json(get(&s, &acme_reader, "/v1/drivers/d1").await).await;
-    let zeta = json(get(&s, &zeta_reader, "/v1/drivers/d1").await).await;
+    let acme = json(get(s, &acme_reader, "/v1/drivers/d1").await).await;
+    let zeta = json(get(s, &zeta_reader, "/v1/drivers/d1").await).await;
     assert_eq!(
         (acme["latitude"].as_f64(), zeta["latitude"].as_f64()),
         (Some(31.2), Some(31.3))
@@ -171,7 +193,7 @@ async fn tenants_never_see_each_other() {
 
     let near = json(
         get(
-            &s,
+            s,
             &acme_reader,
             "/v1/drivers/nearby?lat=31.25&lon=121.45&radius_m=50000",
         )
@@ -187,12 +209,12 @@ async fn tenants_never_see_each_other() {
     assert_eq!(found, [31.2], "{near}");
 
     for (token, lat) in [(&acme_reader, 31.2), (&zeta_reader, 31.3)] {
-        let stats = json(get(&s, token, "/v1/stats").await).await;
+        let stats = json(get(s, token, "/v1/stats").await).await;
         assert_eq!(stats["drivers"]["total"], 1, "{stats}");
         assert_eq!(stats["updates_total"], 1, "{stats}");
         let from = (chrono::Utc::now() - chrono::Duration::minutes(5))
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        let track = json(get(&s, token, &format!("/v1/drivers/d1/track?from={from}")).await).await;
+        let track = json(get(s, token, &format!("/v1/drivers/d1/track?from={from}")).await).await;
         let lats: Vec<f64> = track["points"]
             .as_array()
             .unwrap()
@@ -203,7 +225,7 @@ async fn tenants_never_see_each_other() {
         assert_eq!(track["driver_id"], "d1");
     }
     // Keys: an admin lists and revokes only its tenant's.
-    let listed = json(get(&s, &zeta_admin, "/v1/keys").await).await;
+    let listed = json(get(s, &zeta_admin, "/v1/keys").await).await;
     assert!(
         listed["keys"]
             .as_array()

@@ -20,7 +20,7 @@
 //!   One tenant's counts are then a `ZLEXCOUNT` of the range `[tenant/ .. (tenant0` per status
 //!   and area, O(log n). Without them, counting one tenant meant reading every member of the seen
 //!   sets: at 1,000,000 drivers ~0.5 s per `/v1/stats` call, with Redis blocked for milliseconds
-//!   by each read; with them ~0.15 ms (`examples/tenant_counts.rs`, BENCHMARKS.md). They cost
+//!   by each read; with them ~0.15 ms (`examples/tenant_queries.rs`, BENCHMARKS.md). They cost
 //!   ~130 B of Redis memory per tenant driver (+27% at 1M drivers), and nothing in open mode (no
 //!   `/` in any id). The scripts write a roster wherever they write the seen set of the same
 //!   status, so the two hold the same tenant members. A Redis written by a build without rosters

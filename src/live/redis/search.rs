@@ -16,8 +16,17 @@
 //! from quantized points, so the search radius is widened by that ratio plus [`MARGIN_M`], and
 //! `COUNT` is not trusted blindly: when an area returned a full `COUNT`, only hits nearer than its
 //! farthest candidate (converted back, minus the margin) are certain. If fewer than `limit` are
-//! certain, the search repeats with a four times larger `COUNT`. Status filters the GEO set cannot
-//! apply are handled the same way.
+//! certain, the search repeats with a larger `COUNT` (fourfold, or more when few of the members
+//! returned were hits). Status filters and other tenants' drivers, which the GEO set cannot tell
+//! apart, are handled the same way; other tenants' meta hashes are never read.
+//!
+//! **Growing circles.** `GEOSEARCH` gathers every member inside the radius before it sorts and
+//! applies `COUNT`, so its cost is the number of drivers in the circle, whatever the limit: the
+//! nearest 10 within 100 km of a city of 1,000,000 drivers blocked Redis for ~300 ms. A query
+//! therefore reads a circle of [`FIRST_RADIUS_M`] first and grows it (2–4× the radius, by the
+//! density seen) until it holds `limit` hits or reaches the asked radius: `limit` hits inside a
+//! circle are nearer than anything outside it, so the answer is exact, and a dense city answers
+//! from the first circle or two while a sparse area pays a few cheap rounds.
 //!
 //! **Edges of the map.** Redis does not search across the antimeridian, so the part of a circle
 //! beyond it is read as a box and boxes are split there. Redis GEO only takes latitudes within
@@ -41,6 +50,8 @@ const MARGIN_M: f64 = 2.0;
 const MAX_CELLS: usize = 400;
 /// Redis' latitude limit for GEO coordinates.
 const GEO_MAX_LAT: f64 = 85.05112;
+/// The first circle a nearby query reads (unless its radius is smaller); see the module docs.
+const FIRST_RADIUS_M: f64 = 250.0;
 /// Boxes larger than this (degrees) read whole areas instead of `GEOSEARCH BYBOX`.
 const HUGE_BOX_DEG: f64 = 60.0;
 
@@ -152,10 +163,37 @@ pub(super) async fn nearby(
     q: &NearbyQuery,
     prefix: Option<&str>,
 ) -> Result<Vec<NearbyHit>, RedisLiveError> {
-    let limit = q.limit.max(1);
     if q.statuses.is_empty() || q.radius_m.is_nan() || q.radius_m < 0.0 {
         return Ok(Vec::new());
     }
+    let limit = q.limit.max(1);
+    let mut radius_m = FIRST_RADIUS_M.min(q.radius_m);
+    loop {
+        let step = NearbyQuery { radius_m, ..*q };
+        let hits = nearest_within(shared, &step, prefix).await?;
+        // `limit` hits inside this circle are nearer than anything outside it: the answer.
+        if hits.len() >= limit || radius_m >= q.radius_m {
+            return Ok(hits);
+        }
+        radius_m = (radius_m * growth(limit, hits.len())).min(q.radius_m);
+    }
+}
+
+/// How much the next circle's radius grows when `found` of `limit` hits were inside this one:
+/// enough for about twice the missing hits at the density seen, between 2× and 4×.
+fn growth(limit: usize, found: usize) -> f64 {
+    ((2 * limit) as f64 / found.max(1) as f64)
+        .sqrt()
+        .clamp(2.0, 4.0)
+}
+
+/// The `limit` nearest hits within `q.radius_m`, exactly (fewer if fewer are there).
+async fn nearest_within(
+    shared: &Shared,
+    q: &NearbyQuery,
+    prefix: Option<&str>,
+) -> Result<Vec<NearbyHit>, RedisLiveError> {
+    let limit = q.limit.max(1);
     let bounds = circle_box(q.lat_e6, q.lon_e6, q.radius_m);
     let areas = shared.areas_for(bounds).await?;
     // Redis does not search across the antimeridian: the part of the circle beyond it is read
@@ -172,6 +210,14 @@ pub(super) async fn nearby(
     let lon = q.lon_e6 as f64 / 1e6;
     let redis_radius = q.radius_m * (REDIS_EARTH_RADIUS_M / EARTH_RADIUS_M) + MARGIN_M;
     let exact = Exact::new(q);
+    // Other tenants' members still count towards what is certain, but their meta hashes are
+    // never read: a small fleet in a big one's city does not pay for the big one's drivers.
+    let take = |id: &str, seen: &mut HashSet<DriverId>, ids: &mut Vec<DriverId>| {
+        if prefix.is_none_or(|t| id.starts_with(t)) && !seen.contains(id) {
+            seen.insert(DriverId::new(id));
+            ids.push(DriverId::new(id));
+        }
+    };
     let mut count = Some(limit * 2 + 16);
     loop {
         let replies = per_area(shared, &areas, |area| {
@@ -195,9 +241,11 @@ pub(super) async fn nearby(
         let mut certain = f64::INFINITY;
         let mut ids: Vec<DriverId> = Vec::new();
         let mut seen: HashSet<DriverId> = HashSet::new();
+        let mut returned = 0;
         for reply in replies {
             let items = scripts::array(reply)?;
             let full = count.is_some_and(|c| items.len() >= c);
+            returned += items.len();
             let mut farthest = 0.0f64;
             for item in items {
                 let pair = scripts::array(item)?;
@@ -205,10 +253,7 @@ pub(super) async fn nearby(
                     return Err(RedisLiveError::Reply("GEOSEARCH WITHDIST item".into()));
                 };
                 farthest = farthest.max(scripts::float(dist)?);
-                let id = DriverId::new(scripts::text(member)?);
-                if seen.insert(id.clone()) {
-                    ids.push(id);
-                }
+                take(scripts::text(member)?, &mut seen, &mut ids);
             }
             if full {
                 let bound = farthest * (EARTH_RADIUS_M / REDIS_EARTH_RADIUS_M) - MARGIN_M;
@@ -222,10 +267,7 @@ pub(super) async fn nearby(
             .await?;
             for reply in replies {
                 for member in scripts::array(reply)? {
-                    let id = DriverId::new(scripts::text(&member)?);
-                    if seen.insert(id.clone()) {
-                        ids.push(id);
-                    }
+                    take(scripts::text(&member)?, &mut seen, &mut ids);
                 }
             }
         }
@@ -234,7 +276,6 @@ pub(super) async fn nearby(
             .await?
             .into_iter()
             .flatten()
-            .filter(|(_, p)| prefix.is_none_or(|t| p.driver_id.starts_with(t)))
             .filter_map(|(_, p)| exact.hit(&p))
             .collect();
         hits.sort_by(|a, b| {
@@ -247,11 +288,22 @@ pub(super) async fn nearby(
             hits.truncate(limit);
             return Ok(hits);
         }
-        count = match count {
-            Some(c) if c < 1 << 20 => Some(c * 4),
-            _ => None,
-        };
+        count = count.and_then(|c| next_count(c, limit, hits.len(), returned));
     }
+}
+
+/// The `COUNT` of the next round, `None` for no limit. Every round re-reads the whole circle inside
+/// Redis (`GEOSEARCH` collects every member in the radius before it sorts and cuts), so rounds are
+/// what cost: grow at least fourfold, and more when few of the members returned were hits (other
+/// tenants' drivers, or statuses not asked for), so that one more round most likely suffices.
+fn next_count(count: usize, limit: usize, hits: usize, returned: usize) -> Option<usize> {
+    const MAX: usize = 1 << 20;
+    if count >= MAX {
+        return None;
+    }
+    let hit_share = hits.max(1) as f64 / returned.max(1) as f64;
+    let wanted = (2 * limit) as f64 / hit_share;
+    Some((count * 4).max(wanted as usize).min(MAX))
 }
 
 /// The embedded index's distance test, operation for operation (see `memory::Search`).
@@ -387,6 +439,26 @@ pub(super) async fn within_box(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn circles_grow_by_the_density_seen() {
+        assert_eq!(growth(10, 0), 4.0);
+        assert_eq!(growth(10, 9), 2.0);
+        assert_eq!(growth(100, 10), 4.0);
+        assert_eq!(growth(50, 10), 10f64.sqrt());
+    }
+
+    #[test]
+    fn counts_grow_with_the_share_of_misses() {
+        // Most returned members were hits: the usual fourfold growth.
+        assert_eq!(next_count(36, 10, 30, 36), Some(144));
+        // One in twenty was a hit (another tenant's city): enough for 2 × limit hits at that share.
+        assert_eq!(next_count(36, 10, 2, 36), Some(360));
+        assert_eq!(next_count(36, 10, 0, 36), Some(720));
+        // Capped, then unlimited.
+        assert_eq!(next_count(1 << 19, 10, 0, 1 << 19), Some(1 << 20));
+        assert_eq!(next_count(1 << 20, 10, 0, 1 << 20), None);
+    }
 
     #[test]
     fn circle_boxes_wrap_and_reach_the_poles() {

@@ -211,8 +211,11 @@ async fn load_city(live: &RedisLive, rng: &mut StdRng) -> MemoryIndex {
         let status = Status::from_index(rng.random_range(0..3));
         let lat = 31_230_000 + rng.random_range(-120_000..120_000);
         let lon = 121_470_000 + rng.random_range(-150_000..150_000);
+        // Some drivers belong to tenants (`t1/`, `t2/`), for the per-tenant queries.
+        let id = i % 2200;
+        let tenant = ["t1/", "t2/", "", ""][id % 4];
         positions.push(pos(
-            &format!("c{}", i % 2200),
+            &format!("{tenant}c{id}"),
             lat,
             lon,
             status,
@@ -258,6 +261,9 @@ async fn queries_match_the_embedded_index(target: &RedisTarget) {
         let want = memory.nearby(&q, Instant::now());
         let got = live.nearby(&q).await.unwrap();
         assert_eq!(got, want, "nearby {q:?}");
+        let want = memory.nearby_in(&q, Some("t1/"), Instant::now());
+        let got = live.nearby_in(&q, Some("t1/")).await.unwrap();
+        assert_eq!(got, want, "nearby of t1/ {q:?}");
     }
     // A huge radius (cluster: the registry path) and the antimeridian.
     for (lat, lon, radius) in [

@@ -1,15 +1,17 @@
-//! What one tenant's `/v1/stats` costs with the Redis live store: loads DRIVERS (default
-//! 1,000,000) drivers of 20 tenants through `RedisLive::upsert`, then times `counts_in` (one
-//! tenant) and `counts` (everyone), and reports Redis' slowest commands and memory.
+//! What one tenant's queries cost with the Redis live store when other tenants share the city:
+//! loads DRIVERS (default 1,000,000) drivers of 20 tenants through `RedisLive::upsert`, then times
+//! `counts_in` (one tenant's `/v1/stats`), `counts` (everyone's) and `nearby_in` (one tenant's
+//! nearest 10 within 2 km), and reports Redis' slowest commands and memory.
 //!
 //! ```text
-//! cargo run --release --example tenant_counts              # throwaway redis-server
-//! cargo run --release --example tenant_counts -- redis://127.0.0.1:6390/
+//! cargo run --release --example tenant_queries              # throwaway redis-server
+//! cargo run --release --example tenant_queries -- redis://127.0.0.1:6390/
 //! ```
 
 use fleettracker::backend::redis::RedisTarget;
-use fleettracker::domain::{now_micros, Position, Status};
+use fleettracker::domain::{now_micros, Position, Status, StatusSet};
 use fleettracker::live::redis::RedisLive;
+use fleettracker::live::NearbyQuery;
 use fleettracker::metrics::Metrics;
 use std::time::{Duration, Instant};
 
@@ -103,6 +105,22 @@ fn main() -> anyhow::Result<()> {
             "one tenant's counts: {one:.2?} per call ({} drivers); everyone's: {all:.2?} per call",
             got.total()
         );
+        let q = NearbyQuery {
+            lat_e6: 31_225_000,
+            lon_e6: 121_475_000,
+            radius_m: 2000.0,
+            limit: 10,
+            statuses: StatusSet::WORKING,
+        };
+        let near = time(|| live.nearby_in(&q, Some("fleet7/"))).await;
+        let found = live.nearby_in(&q, Some("fleet7/")).await?.len();
+        println!("one tenant's nearest {found} within 2 km: {near:.2?} per call");
+        for radius_m in [2000.0, 100_000.0] {
+            let q = NearbyQuery { radius_m, ..q };
+            let near = time(|| live.nearby(&q)).await;
+            let found = live.nearby(&q).await?.len();
+            println!("everyone's nearest {found} within {radius_m} m: {near:.2?} per call");
+        }
         let slow: u64 = redis::cmd("SLOWLOG")
             .arg("LEN")
             .query_async(&mut conn)
