@@ -51,7 +51,7 @@ const MAX_CELLS: usize = 400;
 /// Redis' latitude limit for GEO coordinates.
 const GEO_MAX_LAT: f64 = 85.05112;
 /// The first circle a nearby query reads (unless its radius is smaller); see the module docs.
-const FIRST_RADIUS_M: f64 = 250.0;
+const FIRST_RADIUS_M: f64 = 100.0;
 /// Boxes larger than this (degrees) read whole areas instead of `GEOSEARCH BYBOX`.
 const HUGE_BOX_DEG: f64 = 60.0;
 
@@ -218,7 +218,7 @@ async fn nearest_within(
             ids.push(DriverId::new(id));
         }
     };
-    let mut count = Some(limit * 2 + 16);
+    let mut count = Some(limit + 16);
     loop {
         let replies = per_area(shared, &areas, |area| {
             let mut cmd = redis::cmd("GEOSEARCH");
