@@ -385,7 +385,8 @@ impl Shared {
     }
 
     /// Reads the meta hashes of `ids`: per id `None` when absent (or expired, unless `raw`), else
-    /// whether it is fresh and the position.
+    /// whether it is fresh and the position. One pipeline per slot and chunk: the Redis clock
+    /// (`TIME`, the clock `seen` was written with) and an `HMGET` per hash.
     async fn read(
         &self,
         ids: &[DriverId],
@@ -394,30 +395,35 @@ impl Shared {
         let mut calls = Vec::new();
         for group in self.by_slot(0..ids.len(), |&i| self.layout.meta_key(&ids[i])) {
             for chunk in group.chunks(READ_CHUNK) {
-                let keys: Vec<String> = chunk
-                    .iter()
-                    .map(|&i| self.layout.meta_key(&ids[i]))
-                    .collect();
-                let mut cmd = scripts::evalsha(&scripts::READ, &keys);
-                cmd.arg(self.ttl_ms).arg(if raw { "1" } else { "0" });
+                let mut pipe = redis::pipe();
+                pipe.cmd("TIME");
+                for &i in chunk {
+                    pipe.cmd("HMGET")
+                        .arg(self.layout.meta_key(&ids[i]))
+                        .arg(&meta::FIELDS);
+                }
                 let mut conn = self.conn();
                 let chunk = chunk.to_vec();
                 calls.push(async move {
-                    let reply = scripts::run(&mut conn, &scripts::READ, &cmd).await?;
-                    Ok::<_, RedisLiveError>((chunk, scripts::array(reply)?))
+                    let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+                    Ok::<_, RedisLiveError>((chunk, replies))
                 });
             }
         }
         let mut out = vec![None; ids.len()];
         for result in join_all(calls).await {
             let (chunk, replies) = result?;
-            if replies.len() != chunk.len() {
+            let Some((time, hashes)) = replies.split_first() else {
+                return Err(RedisLiveError::Reply("empty meta read reply".into()));
+            };
+            if hashes.len() != chunk.len() {
                 return Err(RedisLiveError::Reply(
                     "meta read reply of the wrong length".into(),
                 ));
             }
-            for (i, v) in chunk.into_iter().zip(&replies) {
-                out[i] = meta::parse(&ids[i], v)?;
+            let now_ms = meta::time_ms(time)?;
+            for (i, v) in chunk.into_iter().zip(hashes) {
+                out[i] = meta::parse(&ids[i], v, now_ms, self.ttl_ms, raw)?;
             }
         }
         Ok(out)

@@ -247,29 +247,6 @@ end
 return out
 "#;
 
-/// Reads meta hashes: KEYS = meta hashes; ARGV = ttl ms, '1' to include expired ones. Returns per
-/// key 0 (absent, or expired unless asked for) or `{fresh, ts, lat, lon, status, speed, heading,
-/// accuracy}`.
-const READ_BODY: &str = r#"
-local ttl, raw = tonumber(ARGV[1]), ARGV[2] == '1'
-local out = {}
-for i = 1, #KEYS do
-  local v = redis.call('HMGET', KEYS[i], 'seen', 'ts', 'lat', 'lon', 'status', 'speed', 'heading', 'accuracy')
-  if v[1] and v[2] and v[3] and v[4] and v[5] then
-    local fresh = now - tonumber(v[1]) < ttl
-    if fresh or raw then
-      v[1] = fresh and 1 or 0
-      out[i] = v
-    else
-      out[i] = 0
-    end
-  else
-    out[i] = 0
-  end
-end
-return out
-"#;
-
 fn script(body: &str) -> Script {
     Script::new(&format!("{PRELUDE}{body}"))
 }
@@ -278,7 +255,6 @@ pub static UPSERT: LazyLock<Script> = LazyLock::new(|| script(UPSERT_BODY));
 pub static CAS: LazyLock<Script> = LazyLock::new(|| script(CAS_BODY));
 pub static AREA: LazyLock<Script> = LazyLock::new(|| script(AREA_BODY));
 pub static SWEEP: LazyLock<Script> = LazyLock::new(|| script(SWEEP_BODY));
-pub static READ: LazyLock<Script> = LazyLock::new(|| script(READ_BODY));
 
 /// An `EVALSHA` of `script` with `keys`; the caller appends the arguments.
 pub fn evalsha<S: AsRef<str>>(script: &Script, keys: &[S]) -> Cmd {

@@ -531,17 +531,20 @@ async fn outage_fails_fast_and_recovers() {
     assert!(live.ping().await);
 }
 
-/// Script calls Redis has run so far.
-async fn script_calls(live: &RedisLive) -> i64 {
+/// Script calls and meta-hash reads Redis has run so far.
+async fn redis_calls(live: &RedisLive) -> i64 {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(&mut live.conn())
         .await
         .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().unwrap())
+    let calls = |command: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse::<i64>().unwrap())
+    };
+    calls("evalsha") + calls("hmget")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -559,24 +562,24 @@ async fn previous_fixes_come_from_memory_then_from_redis() {
     assert_eq!(a.upsert(&[stale]).await.unwrap(), [Upsert::Stale]);
 
     // What A applied is answered without asking Redis.
-    let before = script_calls(&a).await;
+    let before = redis_calls(&a).await;
     let ids = [DriverId::new("p1")];
     assert_eq!(a.previous_of(&ids).await.unwrap(), [Some(mine.clone())]);
-    assert_eq!(script_calls(&a).await, before);
+    assert_eq!(redis_calls(&a).await, before);
 
     // A fix only B applied is read from Redis (once), unknown drivers stay unknown.
     let theirs = pos("p2", 31_230_500, 121_473_800, Status::Busy, T0 + 20);
     b.upsert(std::slice::from_ref(&theirs)).await.unwrap();
     let ids = [DriverId::new("p2"), DriverId::new("nobody")];
-    let before = script_calls(&a).await;
+    let before = redis_calls(&a).await;
     assert_eq!(
         a.previous_of(&ids).await.unwrap(),
         [Some(theirs.clone()), None]
     );
-    assert!(script_calls(&a).await > before);
-    let before = script_calls(&a).await;
+    assert!(redis_calls(&a).await > before);
+    let before = redis_calls(&a).await;
     assert_eq!(a.previous_of(&ids[..1]).await.unwrap(), [Some(theirs)]);
-    assert_eq!(script_calls(&a).await, before);
+    assert_eq!(redis_calls(&a).await, before);
 
     // A newer fix applied through B is not seen by A's filters: A keeps judging against its own
     // (older, real) fix, which only makes them more lenient (see `recent`).
