@@ -109,16 +109,7 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
     };
-    let _server;
-    let url = match url {
-        Some(url) => url,
-        None => {
-            let server = fleettracker_testkit::RedisServer::start();
-            let url = server.url();
-            _server = server;
-            url
-        }
-    };
+    let (url, _server) = fleettracker_testkit::RedisServer::url_or_start(url);
     runtime.block_on(async move {
         let target = RedisTarget::parse(&url, false);
         let live = RedisLive::connect(&target, Duration::from_secs(60), &Metrics::new()).await?;

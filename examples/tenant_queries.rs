@@ -57,16 +57,7 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_000_000);
-    let _server;
-    let url = match std::env::args().nth(1) {
-        Some(url) => url,
-        None => {
-            let server = fleettracker_testkit::RedisServer::start();
-            let url = server.url();
-            _server = server;
-            url
-        }
-    };
+    let (url, _server) = fleettracker_testkit::RedisServer::url_or_start(std::env::args().nth(1));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

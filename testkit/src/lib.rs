@@ -78,6 +78,18 @@ impl RedisServer {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// `url` when given (a benchmark pointed at a Redis of its own), else a throwaway server's URL
+    /// and the server, to be kept alive as long as it is used.
+    pub fn url_or_start(url: Option<String>) -> (String, Option<RedisServer>) {
+        match url {
+            Some(url) => (url, None),
+            None => {
+                let server = RedisServer::start();
+                (server.url(), Some(server))
+            }
+        }
+    }
+
     /// Kills the server (an outage); `resume` starts it again on the same port.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
