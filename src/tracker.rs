@@ -271,12 +271,19 @@ impl Tracker {
         Ok(counts)
     }
 
-    /// Every live driver inside a box (a stream subscriber's snapshot).
-    pub async fn within_box(&self, q: &BoxQuery) -> Result<Vec<Position>, TrackerError> {
-        match &self.live {
-            LiveStore::Memory(index) => Ok(index.within_box(q, Instant::now())),
-            LiveStore::Redis(store) => store.within_box(q).await.map_err(live_error),
-        }
+    /// Every live driver inside a box (a stream subscriber's snapshot); with `prefix`, only those
+    /// whose id starts with it (one tenant's).
+    pub async fn within_box(
+        &self,
+        q: &BoxQuery,
+        prefix: Option<&str>,
+    ) -> Result<Vec<Position>, TrackerError> {
+        let mut drivers = match &self.live {
+            LiveStore::Memory(index) => index.within_box(q, Instant::now()),
+            LiveStore::Redis(store) => store.within_box_in(q, prefix).await.map_err(live_error)?,
+        };
+        drivers.retain(|p| crate::domain::tenant::belongs(&p.driver_id, prefix));
+        Ok(drivers)
     }
 
     /// A page of a driver's history.

@@ -166,7 +166,7 @@ async fn read_snapshot(tracker: &Tracker, scope: &Scope) -> Result<Vec<Position>
             let ids: Vec<_> = ids.iter().cloned().collect();
             tracker.drivers(&ids).await?
         }
-        (_, Some(b)) => tracker.within_box(&b).await?,
+        (_, Some(b)) => tracker.within_box(&b, scope.tenant.as_deref()).await?,
         (_, None) => Vec::new(),
     };
     drivers.retain(|p| scope.admits(p));

@@ -207,6 +207,17 @@ async fn tenants_never_see_each_other_on(store: Store) {
         .map(|d| d["latitude"].as_f64().unwrap())
         .collect();
     assert_eq!(found, [31.2], "{near}");
+    // A new subscriber's snapshot holds its tenant's drivers only.
+    let (_ws, snapshot) = subscribe(
+        s,
+        &format!("bbox=121.0,31.0,122.0,32.0&access_token={acme_reader}"),
+    )
+    .await;
+    let lats: Vec<f64> = snapshot
+        .iter()
+        .map(|d| d["latitude"].as_f64().unwrap())
+        .collect();
+    assert_eq!(lats, [31.2], "{snapshot:?}");
 
     for (token, lat) in [(&acme_reader, 31.2), (&zeta_reader, 31.3)] {
         let stats = json(get(s, token, "/v1/stats").await).await;

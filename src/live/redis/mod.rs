@@ -327,8 +327,18 @@ impl RedisLive {
     /// Every live driver in the box whose status matches (never offline ones), in no particular
     /// order; boxes across the antimeridian included.
     pub async fn within_box(&self, q: &BoxQuery) -> Result<Vec<Position>, RedisLiveError> {
+        self.within_box_in(q, None).await
+    }
+
+    /// [`RedisLive::within_box`] among the drivers whose id starts with `prefix` (a tenant's): other
+    /// tenants' meta hashes are never read.
+    pub async fn within_box_in(
+        &self,
+        q: &BoxQuery,
+        prefix: Option<&str>,
+    ) -> Result<Vec<Position>, RedisLiveError> {
         let started = Instant::now();
-        let result = search::within_box(&self.shared, q).await;
+        let result = search::within_box(&self.shared, q, prefix).await;
         self.shared.metrics.observe(Op::Box, started, result)
     }
 

@@ -210,14 +210,6 @@ async fn nearest_within(
     let lon = q.lon_e6 as f64 / 1e6;
     let redis_radius = q.radius_m * (REDIS_EARTH_RADIUS_M / EARTH_RADIUS_M) + MARGIN_M;
     let exact = Exact::new(q);
-    // Other tenants' members still count towards what is certain, but their meta hashes are
-    // never read: a small fleet in a big one's city does not pay for the big one's drivers.
-    let take = |id: &str, seen: &mut HashSet<DriverId>, ids: &mut Vec<DriverId>| {
-        if prefix.is_none_or(|t| id.starts_with(t)) && !seen.contains(id) {
-            seen.insert(DriverId::new(id));
-            ids.push(DriverId::new(id));
-        }
-    };
     let mut count = Some(limit + 16);
     loop {
         let replies = per_area(shared, &areas, |area| {
@@ -253,7 +245,7 @@ async fn nearest_within(
                     return Err(RedisLiveError::Reply("GEOSEARCH WITHDIST item".into()));
                 };
                 farthest = farthest.max(scripts::float(dist)?);
-                take(scripts::text(member)?, &mut seen, &mut ids);
+                candidate(scripts::text(member)?, prefix, &mut seen, &mut ids);
             }
             if full {
                 let bound = farthest * (EARTH_RADIUS_M / REDIS_EARTH_RADIUS_M) - MARGIN_M;
@@ -267,7 +259,7 @@ async fn nearest_within(
             .await?;
             for reply in replies {
                 for member in scripts::array(reply)? {
-                    take(scripts::text(&member)?, &mut seen, &mut ids);
+                    candidate(scripts::text(&member)?, prefix, &mut seen, &mut ids);
                 }
             }
         }
@@ -289,6 +281,21 @@ async fn nearest_within(
             return Ok(hits);
         }
         count = count.and_then(|c| next_count(c, limit, hits.len(), returned));
+    }
+}
+
+/// Adds a GEO member to the candidates whose meta hashes are read, once, unless it is another
+/// tenant's (`prefix`): other tenants' members may still bound what is certain, but their hashes
+/// are never read.
+fn candidate(
+    id: &str,
+    prefix: Option<&str>,
+    seen: &mut HashSet<DriverId>,
+    ids: &mut Vec<DriverId>,
+) {
+    if crate::domain::tenant::belongs(id, prefix) && !seen.contains(id) {
+        seen.insert(DriverId::new(id));
+        ids.push(DriverId::new(id));
     }
 }
 
@@ -376,6 +383,7 @@ fn box_search(key: &str, south: f64, west: f64, north: f64, east: f64) -> redis:
 pub(super) async fn within_box(
     shared: &Shared,
     q: &BoxQuery,
+    prefix: Option<&str>,
 ) -> Result<Vec<Position>, RedisLiveError> {
     if q.statuses.is_empty() || q.south_e6 > q.north_e6 {
         return Ok(Vec::new());
@@ -416,10 +424,7 @@ pub(super) async fn within_box(
     let mut seen: HashSet<DriverId> = HashSet::new();
     for reply in replies {
         for member in scripts::array(reply)? {
-            let id = DriverId::new(scripts::text(&member)?);
-            if seen.insert(id.clone()) {
-                ids.push(id);
-            }
+            candidate(scripts::text(&member)?, prefix, &mut seen, &mut ids);
         }
     }
     Ok(shared
