@@ -17,7 +17,11 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-const DEADLINE: Duration = Duration::from_secs(20);
+/// How long a condition may take before a test fails (not a sleep: the waits poll). Generous because
+/// the suite runs two tests at a time on a 2-core machine beside their PostgreSQL and Redis servers:
+/// once (a full run on 2026-11-30) 20 s were not enough for a worker's first commit, which takes
+/// ~1 s alone.
+const DEADLINE: Duration = Duration::from_secs(60);
 /// 2026-01-31T00:00:00Z.
 const DAY: Micros = 20_484 * MICROS_PER_DAY;
 const SECOND: Micros = 1_000_000;

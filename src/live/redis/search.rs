@@ -6,8 +6,8 @@
 //! radius or box) asks the area registry instead and keeps the registered cells that intersect.
 //!
 //! **Confirmation.** Every candidate's meta hash is read (a pipeline of `HMGET`s per slot) and the
-//! answer is computed from it, not from the GEO set: the meta hash has the exact coordinates (GEO members
-//! are quantized to about half a metre), the status, the timestamp and the freshness, and it is
+//! answer is computed from it, not from the GEO set: the meta hash has the exact coordinates (GEO
+//! members are quantized to about half a metre), the status, the timestamp and the freshness, and it is
 //! right even when a cluster race left a stale GEO member ([`super::upsert`]). The distance is the
 //! same haversine, computed with the same operations, as the embedded index's, so both stores give
 //! identical answers.
