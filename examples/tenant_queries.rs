@@ -1,7 +1,8 @@
 //! What one tenant's queries cost with the Redis live store when other tenants share the city:
 //! loads DRIVERS (default 1,000,000) drivers of 20 tenants through `RedisLive::upsert`, then times
 //! `counts_in` (one tenant's `/v1/stats`), `counts` (everyone's) and `nearby_in` (one tenant's
-//! nearest 10 within 2 km), and reports Redis' slowest commands and memory.
+//! nearest 10 within 2 km), and reports Redis' slowest commands and memory; last, a snapshot of the
+//! whole city (a stream subscriber's box) and the longest Redis command it caused.
 //!
 //! ```text
 //! cargo run --release --example tenant_queries              # throwaway redis-server
@@ -11,7 +12,7 @@
 use fleettracker::backend::redis::RedisTarget;
 use fleettracker::domain::{now_micros, Position, Status, StatusSet};
 use fleettracker::live::redis::RedisLive;
-use fleettracker::live::NearbyQuery;
+use fleettracker::live::{BoxQuery, NearbyQuery};
 use fleettracker::metrics::Metrics;
 use std::time::{Duration, Instant};
 
@@ -117,6 +118,35 @@ fn main() -> anyhow::Result<()> {
             .query_async(&mut conn)
             .await?;
         println!("Redis commands that took ≥ 1 ms meanwhile: {slow}");
+        // A stream snapshot of the whole city (every driver), and the longest Redis stall it causes.
+        let _: () = redis::cmd("SLOWLOG").arg("RESET").query_async(&mut conn).await?;
+        let city = BoxQuery {
+            south_e6: 30_900_000,
+            west_e6: 121_100_000,
+            north_e6: 31_600_000,
+            east_e6: 121_900_000,
+            statuses: StatusSet::WORKING,
+        };
+        let started = Instant::now();
+        let snapshot = live.within_box(&city).await?.len();
+        let took = started.elapsed();
+        let entries: Vec<Vec<redis::Value>> = redis::cmd("SLOWLOG")
+            .arg("GET")
+            .arg(-1)
+            .query_async(&mut conn)
+            .await?;
+        let longest = entries
+            .iter()
+            .filter_map(|e| match e.get(2) {
+                Some(redis::Value::Int(micros)) => Some(*micros),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        println!(
+            "the whole city's snapshot ({snapshot} drivers): {took:.2?}; longest Redis command {:.1} ms",
+            longest as f64 / 1000.0
+        );
         Ok(())
     })
 }

@@ -44,6 +44,7 @@ use crate::backend::redis::RedisConn;
 use crate::domain::{DriverId, Position, Status};
 use crate::metrics::Metrics;
 use futures_util::future::join_all;
+use futures_util::StreamExt;
 use metrics::{Counter, Histogram};
 use parking_lot::Mutex;
 use redis::Value;
@@ -179,8 +180,12 @@ pub(crate) struct Shared {
 }
 
 const AREA_CACHE_TTL: Duration = Duration::from_secs(60);
-/// Meta hashes read per script call.
+/// Meta hashes read per pipeline.
 const READ_CHUNK: usize = 512;
+/// Read pipelines in flight at once. A large read (a stream snapshot of a whole city) sent all at
+/// once would queue every pipeline behind the others in Redis, and the last ones would outlive the
+/// response timeout ([`crate::backend::redis::RESPONSE_TIMEOUT`]) before Redis got to them.
+const READS_IN_FLIGHT: usize = 4;
 
 /// The Redis live store. Cheap to clone (clones share the connection and the batcher).
 #[derive(Clone)]
@@ -421,7 +426,8 @@ impl Shared {
             }
         }
         let mut out = vec![None; ids.len()];
-        for result in join_all(calls).await {
+        let mut results = futures_util::stream::iter(calls).buffer_unordered(READS_IN_FLIGHT);
+        while let Some(result) = results.next().await {
             let (chunk, replies) = result?;
             let Some((time, hashes)) = replies.split_first() else {
                 return Err(RedisLiveError::Reply("empty meta read reply".into()));

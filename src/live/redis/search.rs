@@ -52,6 +52,10 @@ const MAX_CELLS: usize = 400;
 const GEO_MAX_LAT: f64 = 85.05112;
 /// The first circle a nearby query reads (unless its radius is smaller); see the module docs.
 const FIRST_RADIUS_M: f64 = 100.0;
+/// Largest side (degrees, ~1 km) of the tiles a box is read in on a single server.
+const TILE_DEG: f64 = 0.01;
+/// Most tiles a box is cut into (larger boxes get larger tiles).
+const MAX_TILES: usize = 1024;
 /// Boxes larger than this (degrees) read whole areas instead of `GEOSEARCH BYBOX`.
 const HUGE_BOX_DEG: f64 = 60.0;
 
@@ -380,6 +384,36 @@ fn box_search(key: &str, south: f64, west: f64, north: f64, east: f64) -> redis:
     cmd
 }
 
+/// A box (degrees, `west <= east`) cut into equal tiles of at most [`TILE_DEG`] a side, or fewer,
+/// larger ones when that would make more than [`MAX_TILES`].
+fn tiles(south: f64, west: f64, north: f64, east: f64) -> Vec<(f64, f64, f64, f64)> {
+    let (height, width) = (north - south, east - west);
+    let side = TILE_DEG.max((height * width / MAX_TILES as f64).sqrt());
+    let rows = ((height / side).ceil() as usize).max(1);
+    let cols = ((width / side).ceil() as usize).max(1);
+    // The i-th of n edges from `from` to `to`, the last one exactly `to`.
+    let edge = |from: f64, to: f64, i: usize, n: usize| {
+        if i == n {
+            to
+        } else {
+            from + (to - from) * i as f64 / n as f64
+        }
+    };
+    let mut out = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        let (s, n) = (edge(south, north, r, rows), edge(south, north, r + 1, rows));
+        for c in 0..cols {
+            out.push((
+                s,
+                edge(west, east, c, cols),
+                n,
+                edge(west, east, c + 1, cols),
+            ));
+        }
+    }
+    out
+}
+
 pub(super) async fn within_box(
     shared: &Shared,
     q: &BoxQuery,
@@ -406,19 +440,32 @@ pub(super) async fn within_box(
     let huge = n - s > HUGE_BOX_DEG || width > HUGE_BOX_DEG;
     let mut replies = Vec::new();
     for &(w, e) in if huge { &parts[..1] } else { &parts[..] } {
-        replies.extend(
-            per_area(shared, &areas, |area| {
-                let key = shared.layout.geo_key(area);
-                if huge {
+        if huge {
+            replies.extend(
+                per_area(shared, &areas, |area| {
                     let mut cmd = redis::cmd("ZRANGE");
-                    cmd.arg(key).arg(0).arg(-1);
+                    cmd.arg(shared.layout.geo_key(area)).arg(0).arg(-1);
                     cmd
-                } else {
-                    box_search(&key, s, w, n, e)
-                }
-            })
-            .await?,
-        );
+                })
+                .await?,
+            );
+            continue;
+        }
+        // One server holds the whole map in one GEO set: read a large box tile by tile, each tile
+        // awaited before the next, so Redis serves other clients in between. (A cluster's GEO sets
+        // hold one 5 km cell each, which bounds every search already.)
+        let tiles = match shared.layout {
+            super::Layout::Standalone => tiles(s, w, n, e),
+            super::Layout::Cluster => vec![(s, w, n, e)],
+        };
+        for (ts, tw, tn, te) in tiles {
+            replies.extend(
+                per_area(shared, &areas, |area| {
+                    box_search(&shared.layout.geo_key(area), ts, tw, tn, te)
+                })
+                .await?,
+            );
+        }
     }
     let mut ids: Vec<DriverId> = Vec::new();
     let mut seen: HashSet<DriverId> = HashSet::new();
@@ -444,6 +491,20 @@ pub(super) async fn within_box(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiles_cover_the_box_exactly() {
+        let t = tiles(31.0, 121.0, 31.025, 121.028);
+        assert_eq!(t.len(), 3 * 3);
+        assert_eq!((t[0].0, t[0].1), (31.0, 121.0));
+        assert_eq!((t[8].2, t[8].3), (31.025, 121.028));
+        // Neighbours share their edges: nothing falls between two tiles.
+        assert_eq!(t[0].3, t[1].1);
+        assert_eq!(t[0].2, t[3].0);
+        assert_eq!(tiles(0.0, 0.0, 0.0, 0.0).len(), 1);
+        // A large box: at most MAX_TILES.
+        assert!(tiles(0.0, 0.0, 50.0, 50.0).len() <= MAX_TILES);
+    }
 
     #[test]
     fn circles_grow_by_the_density_seen() {
