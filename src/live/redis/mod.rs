@@ -184,8 +184,11 @@ const AREA_CACHE_TTL: Duration = Duration::from_secs(60);
 const READ_CHUNK: usize = 512;
 /// Read pipelines in flight at once. A large read (a stream snapshot of a whole city) sent all at
 /// once would queue every pipeline behind the others in Redis, and the last ones would outlive the
-/// response timeout ([`crate::backend::redis::RESPONSE_TIMEOUT`]) before Redis got to them.
-const READS_IN_FLIGHT: usize = 4;
+/// response timeout ([`crate::backend::redis::RESPONSE_TIMEOUT`]) before Redis got to them; this
+/// many full pipelines are tens of milliseconds of Redis work. Small reads in a cluster (a nearby
+/// query's candidates spread over the meta buckets: dozens of pipelines of a few hashes) still go
+/// out nearly all at once.
+const READS_IN_FLIGHT: usize = 32;
 
 /// The Redis live store. Cheap to clone (clones share the connection and the batcher).
 #[derive(Clone)]
