@@ -78,6 +78,10 @@ local function note(w, id, score, st, pst, keep_seen)
     w.prev[id][pst] = true
   end
 end
+-- Whether a driver is kept in the rosters: tenants' drivers (`tenant/driver`) only.
+local function rostered(id)
+  return string.find(id, '/', 1, true) ~= nil
+end
 local function flush(w, geo, seen, roster)
   local gadd, grem = {}, {}
   local sadd = {online = {}, busy = {}, offline = {}}
@@ -88,8 +92,7 @@ local function flush(w, geo, seen, roster)
     local g = w.geo[id]
     if g then gadd[#gadd + 1] = g; gadd[#gadd + 1] = id else grem[#grem + 1] = id end
     local st = w.status[id]
-    -- Tenants' drivers (`tenant/driver`) are mirrored in the rosters.
-    local tenant = string.find(id, '/', 1, true)
+    local tenant = rostered(id)
     if w.touch[id] then
       local a = sadd[st]
       a[#a + 1] = now_s; a[#a + 1] = id
@@ -196,8 +199,8 @@ for a = 1, #ARGV, 5 do
   local id, score, st, pst = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local k = (g - 1) * 7
   if st == 'del' then
-    -- Rosters hold only tenants' drivers: open-mode ids skip the three calls.
-    local last = string.find(id, '/', 1, true) and 7 or 4
+    -- Open-mode ids are in no roster: they skip the three calls.
+    local last = rostered(id) and 7 or 4
     for s = 1, last do redis.call('ZREM', KEYS[k + s], id) end
   else
     areas[g] = areas[g] or writes()
@@ -229,7 +232,7 @@ for s = 1, 3 do
   if #ids >= limit then out[1] = 1 end
   for _, id in ipairs(ids) do
     redis.call('ZREM', KEYS[1 + s], id)
-    if string.find(id, '/', 1, true) then redis.call('ZREM', KEYS[4 + s], id) end
+    if rostered(id) then redis.call('ZREM', KEYS[4 + s], id) end
     local live = false
     for o = 1, 3 do
       if o ~= s then
