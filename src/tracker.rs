@@ -278,12 +278,15 @@ impl Tracker {
         q: &BoxQuery,
         prefix: Option<&str>,
     ) -> Result<Vec<Position>, TrackerError> {
-        let mut drivers = match &self.live {
-            LiveStore::Memory(index) => index.within_box(q, Instant::now()),
-            LiveStore::Redis(store) => store.within_box_in(q, prefix).await.map_err(live_error)?,
-        };
-        drivers.retain(|p| crate::domain::tenant::belongs(&p.driver_id, prefix));
-        Ok(drivers)
+        match &self.live {
+            LiveStore::Memory(index) => {
+                let mut drivers = index.within_box(q, Instant::now());
+                drivers.retain(|p| crate::domain::tenant::belongs(&p.driver_id, prefix));
+                Ok(drivers)
+            }
+            // Filtered before the meta hashes are read.
+            LiveStore::Redis(store) => store.within_box_in(q, prefix).await.map_err(live_error),
+        }
     }
 
     /// A page of a driver's history.
