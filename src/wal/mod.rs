@@ -3,8 +3,9 @@
 //!
 //! - One record per request ([`Batch`]): the positions and their receipt time, in a compact binary
 //!   encoding ([`codec`]), framed with a length and a CRC-32 ([`segment`] documents the bytes).
-//! - A single writer thread owns the file and commits in groups: concurrent appends share one
-//!   `fdatasync`, so durability costs little throughput ([`writer`] says how).
+//! - Appends are written in groups by one writer task ([`writer`]) and fsynced by one thread
+//!   ([`syncer`]): concurrent appends share one `write` and one `fdatasync`, so durability costs
+//!   little throughput.
 //! - The log is a directory of segments named by their first [`Lsn`]; a new one starts at a size
 //!   limit, and [`Wal::remove_segments_before`] deletes those a snapshot and history have covered, so
 //!   the log does not grow without bound.
@@ -18,6 +19,7 @@
 pub mod codec;
 mod reader;
 mod segment;
+mod syncer;
 mod writer;
 
 #[cfg(test)]
@@ -28,14 +30,16 @@ pub use reader::WalReader;
 use crate::domain::{Micros, Position};
 use parking_lot::Mutex;
 use std::fmt;
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
-use writer::{Command, Writer};
+use syncer::Syncer;
+use tokio::sync::Notify;
+use writer::{Active, Stage};
 
 /// Log sequence number: the byte offset just past a record in the log's record stream (segment
 /// headers excluded). Increases with every record; 0 is the empty log.
@@ -132,23 +136,46 @@ pub enum WalError {
     Closed,
 }
 
-/// State the writer thread and the handles share.
+/// State the handles, the writer task and the fsync thread share.
 struct Shared {
     dir: PathBuf,
+    policy: FsyncPolicy,
+    segment_bytes: u64,
     /// Start LSNs of the segments on disk, ascending; the last is the active one.
     segments: Mutex<Vec<Lsn>>,
     /// End of the last acknowledged record.
     acked: AtomicU64,
+    /// End of what the last fsync covered.
+    synced: AtomicU64,
     disk_bytes: AtomicU64,
     fsyncs: AtomicU64,
-    /// Why the writer stopped after an I/O error.
-    broken: Mutex<Option<String>>,
+    /// Appends waiting for the writer, and the log's life cycle.
+    stage: Mutex<Stage>,
+    /// Wakes the writer task when a group starts or a close is asked for.
+    wake: Notify,
+    /// The segment being appended to (the writer's).
+    active: Mutex<Active>,
+    syncer: Syncer,
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
 }
 
+impl Shared {
+    /// `fdatasync`s a segment of this log, counting it.
+    fn sync_file(&self, file: &File, path: &Path) -> Result<(), WalError> {
+        #[cfg(test)]
+        if self.fail_next_sync.swap(false, Ordering::Relaxed) {
+            let injected = std::io::Error::other("injected fsync failure");
+            return Err(segment::io_err("fsync", path)(injected));
+        }
+        file.sync_data().map_err(segment::io_err("fsync", path))?;
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 /// A handle to the log; clones share one writer. When the last handle is dropped without
-/// [`Wal::close`], the writer still fsyncs what it wrote and stops.
+/// [`Wal::close`], what was written is still fsynced and the writer stops.
 #[derive(Clone)]
 pub struct Wal {
     inner: Arc<Inner>,
@@ -156,9 +183,12 @@ pub struct Wal {
 
 struct Inner {
     shared: Arc<Shared>,
-    /// Unbounded: every sender awaits its answer, so the queue never holds more than the requests
-    /// in flight, and a bounded channel would block an async worker.
-    tx: mpsc::Sender<Command>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        writer::release(&self.shared);
+    }
 }
 
 impl Wal {
@@ -174,32 +204,35 @@ impl Wal {
     pub fn open_with(dir: &Path, policy: FsyncPolicy, segment_bytes: u64) -> Result<Wal, WalError> {
         let recovered = segment::recover(dir)?;
         let active = recovered.segments.last().copied().unwrap_or(0);
-        let file = segment::open_append(&segment::path(dir, active))?;
+        let path = segment::path(dir, active);
+        let (file, len) = segment::open_write(&path)?;
+        let for_syncer = file.try_clone().map_err(segment::io_err("dup", &path))?;
+        let syncer = Syncer::start(policy, for_syncer, path.clone(), recovered.end)
+            .map_err(segment::io_err("start the fsync thread for", dir))?;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
+            policy,
+            segment_bytes,
             segments: Mutex::new(recovered.segments),
             acked: AtomicU64::new(recovered.end),
+            synced: AtomicU64::new(recovered.end),
             disk_bytes: AtomicU64::new(recovered.disk_bytes),
             fsyncs: AtomicU64::new(0),
-            broken: Mutex::new(None),
+            stage: Mutex::new(Stage::new(recovered.end, active)),
+            wake: Notify::new(),
+            active: Mutex::new(Active {
+                file,
+                path,
+                offset: segment::HEADER_LEN + (recovered.end - active),
+                len,
+            }),
+            syncer,
             #[cfg(test)]
             fail_next_sync: Default::default(),
         });
-        let writer = Writer::new(
-            shared.clone(),
-            policy,
-            segment_bytes,
-            file,
-            active,
-            recovered.end,
-        );
-        let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("wal-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(segment::io_err("start the writer thread for", dir))?;
+        shared.syncer.attach(Arc::downgrade(&shared));
         Ok(Wal {
-            inner: Arc::new(Inner { shared, tx }),
+            inner: Arc::new(Inner { shared }),
         })
     }
 
@@ -213,9 +246,7 @@ impl Wal {
         }
         let mut body = Vec::with_capacity(len);
         codec::encode_batch(batch, &mut body);
-        let (reply, answer) = oneshot::channel();
-        let command = Command::Append { body, reply };
-        self.inner.tx.send(command).map_err(|_| self.stopped())?;
+        let answer = writer::append(&self.inner.shared, &body)?;
         answer.await.map_err(|_| self.stopped())?
     }
 
@@ -258,11 +289,14 @@ impl Wal {
         let mut result = Ok(());
         for w in segments.windows(2).take(covered) {
             let path = segment::path(&shared.dir, w[0]);
+            // Its length, not its records' size: a crash may have left it pre-allocated space.
+            let bytes = std::fs::metadata(&path)
+                .map(|m| m.len())
+                .unwrap_or(segment::HEADER_LEN + (w[1] - w[0]));
             if let Err(e) = std::fs::remove_file(&path) {
                 result = Err(segment::io_err("remove", &path)(e));
                 break;
             }
-            let bytes = segment::HEADER_LEN + (w[1] - w[0]);
             shared.disk_bytes.fetch_sub(bytes, Ordering::Relaxed);
             removed += 1;
         }
@@ -288,19 +322,15 @@ impl Wal {
     /// Writes and fsyncs everything appended before it, then stops the writer: later appends fail
     /// with [`WalError::Closed`]. Closing again is a no-op.
     pub async fn close(&self) -> Result<(), WalError> {
-        let (reply, answer) = oneshot::channel();
-        if self.inner.tx.send(Command::Close { reply }).is_err() {
-            return self.closed_result();
-        }
-        match answer.await {
-            Ok(result) => result,
-            Err(_) => self.closed_result(),
+        match writer::close(&self.inner.shared)? {
+            None => Ok(()),
+            Some(answer) => answer.await.unwrap_or_else(|_| self.closed_result()),
         }
     }
 
     /// The error for a writer that is no longer running.
     fn stopped(&self) -> WalError {
-        match self.inner.shared.broken.lock().clone() {
+        match self.inner.shared.stage.lock().broken.clone() {
             Some(reason) => WalError::Broken(reason),
             None => WalError::Closed,
         }

@@ -12,6 +12,9 @@
 //! was damaged later and dropping it would lose acknowledged data. Without such a witness, the bad
 //! bytes may be a write the crash interrupted, and are truncated.
 //!
+//! Zero bytes after the last record are space the writer wrote ahead and had not used yet (a
+//! record never starts with a zero length), not damage: start-up keeps them.
+//!
 //! New segments are written to `*.wal.tmp`, fsynced and renamed, so a segment file always has a
 //! whole header. A non-last segment was fsynced before its successor was created, so it must be
 //! intact to its last byte and end exactly where the next one starts.
@@ -108,14 +111,34 @@ pub fn create(dir: &Path, start: Lsn) -> Result<File, WalError> {
     Ok(file)
 }
 
-/// Opens an existing segment for appending at its end.
-pub fn open_append(path: &Path) -> Result<File, WalError> {
-    let mut file = OpenOptions::new()
+/// Opens an existing segment for writing (at offsets the caller knows); returns it and its length.
+pub fn open_write(path: &Path) -> Result<(File, u64), WalError> {
+    let file = OpenOptions::new()
         .write(true)
         .open(path)
         .map_err(io_err("open", path))?;
-    file.seek(SeekFrom::End(0)).map_err(io_err("seek", path))?;
-    Ok(file)
+    let len = file.metadata().map_err(io_err("stat", path))?.len();
+    Ok((file, len))
+}
+
+/// Whether everything from `offset` to the end of the file is zero bytes: space the writer
+/// pre-allocated and had not used yet (see [`super::writer`]).
+fn zeros_from(path: &Path, offset: u64) -> Result<bool, WalError> {
+    let mut file = File::open(path).map_err(io_err("open", path))?;
+    file.seek(SeekFrom::Start(offset))
+        .map_err(io_err("seek", path))?;
+    let mut chunk = vec![0u8; 256 << 10];
+    loop {
+        let n = match file.read(&mut chunk) {
+            Ok(0) => return Ok(true),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err("read", path)(e)),
+        };
+        if chunk[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+    }
 }
 
 /// Bytes a record with this lag and body takes in the log.
@@ -306,6 +329,7 @@ pub struct Recovered {
     pub segments: Vec<Lsn>,
     /// End of the last record.
     pub end: Lsn,
+    /// Bytes of the segment files, pre-allocated space included.
     pub disk_bytes: u64,
 }
 
@@ -332,9 +356,9 @@ pub fn recover(dir: &Path) -> Result<Recovered, WalError> {
             );
             return Err(corrupt(&path(dir, start), 0, detail));
         }
-        let good_end = scan(dir, start, start == last)?;
+        let (good_end, file_len) = scan(dir, start, start == last)?;
         expected = Some(start + (good_end - HEADER_LEN));
-        disk_bytes += good_end;
+        disk_bytes += file_len;
     }
     let last_path = path(dir, last);
     File::open(&last_path)
@@ -347,24 +371,29 @@ pub fn recover(dir: &Path) -> Result<Recovered, WalError> {
     })
 }
 
-/// Reads a segment's records to the end; returns the file offset after its last good record.
-/// Bad bytes are an error, except at the tail of the last segment, which is truncated.
-fn scan(dir: &Path, start: Lsn, is_last: bool) -> Result<u64, WalError> {
+/// Reads a segment's records to the end; returns the file offset after its last good record and
+/// the file's length. Zeros after the last record are pre-allocated space, kept. Other bad bytes
+/// are an error, except at the tail of the last segment, which is truncated.
+fn scan(dir: &Path, start: Lsn, is_last: bool) -> Result<(u64, u64), WalError> {
     let mut reader = SegmentReader::open(dir, start, None)?;
     let (offset, reason) = loop {
         match reader.step()? {
             Step::Record(_) => {}
-            Step::End => return Ok(reader.offset()),
+            Step::End => return Ok((reader.offset(), reader.offset())),
             Step::Bad { offset, reason } => break (offset, reason),
         }
     };
     let path = reader.path().to_path_buf();
+    if zeros_from(&path, offset)? {
+        let len = fs::metadata(&path).map_err(io_err("stat", &path))?.len();
+        return Ok((offset, len));
+    }
     if !is_last {
         let detail = format!("{reason} (not the last segment, so not a torn write)");
         return Err(corrupt(&path, offset, detail));
     }
     truncate_torn_tail(&path, start, offset, reason)?;
-    Ok(offset)
+    Ok((offset, offset))
 }
 
 /// Handles bad bytes at `offset` of the last segment: damage if a later record proves the bad one

@@ -203,11 +203,13 @@ async fn torn_tail_is_truncated_with_a_warning_and_appends_go_on() {
 }
 
 #[tokio::test]
-async fn garbage_or_zeros_after_the_last_record_are_truncated() {
+async fn garbage_after_the_last_record_is_truncated() {
     use rand::{RngCore, SeedableRng};
     let mut garbage = vec![0u8; 2 << 20];
     rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut garbage);
-    for tail in [garbage, vec![0u8; 5000], vec![0xff; 7]] {
+    let mut zeros_then_garbage = vec![0u8; 5000];
+    zeros_then_garbage[4000] = 1;
+    for tail in [garbage, zeros_then_garbage, vec![0xff; 7]] {
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(dir.path(), FsyncPolicy::Always).unwrap();
         let written = append_sequentially(&wal, 4, 2).await;
@@ -235,6 +237,41 @@ async fn garbage_or_zeros_after_the_last_record_are_truncated() {
         assert_eq!(read_all(&wal, written[3].0), [(lsn, batch(7, 1))]);
         wal.close().await.unwrap();
     }
+}
+
+/// What a crash leaves of the space the writer pre-allocates: zeros after the last record. They are
+/// kept (no warning, nothing truncated) and the next record goes right after the last one.
+#[tokio::test]
+async fn zeros_after_the_last_record_are_preallocated_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), FsyncPolicy::Always).unwrap();
+    let written = append_sequentially(&wal, 4, 2).await;
+    let file = segment_files(dir.path())[0].clone();
+    let data_end = HEADER_LEN + wal.end_lsn();
+    let len = fs::metadata(&file).unwrap().len();
+    assert!(
+        len >= data_end + super::writer::PREALLOCATE_BYTES / 2,
+        "{len} bytes for records ending at {data_end}: nothing written ahead"
+    );
+    assert_eq!(wal.disk_bytes(), len);
+    drop(wal); // as a crash would leave it: not closed, so not trimmed
+
+    let (wal, logs) = capture_logs(|| Wal::open(dir.path(), FsyncPolicy::Always));
+    let wal = wal.unwrap();
+    assert!(!logs.contains("torn"), "{logs}");
+    assert_eq!(
+        fs::metadata(&file).unwrap().len(),
+        len,
+        "the zeros are kept"
+    );
+    assert_eq!(wal.disk_bytes(), len);
+    assert_eq!(read_all(&wal, 0), written);
+    let lsn = wal.append(&batch(7, 1)).await.unwrap();
+    assert_eq!(read_all(&wal, written[3].0), [(lsn, batch(7, 1))]);
+    wal.close().await.unwrap();
+    let wal = Wal::open(dir.path(), FsyncPolicy::Always).unwrap();
+    assert_eq!(read_all(&wal, written[3].0), [(lsn, batch(7, 1))]);
+    assert_eq!(fs::metadata(&file).unwrap().len(), HEADER_LEN + lsn);
 }
 
 #[tokio::test]
@@ -366,8 +403,13 @@ async fn reopen_after_close_keeps_end_lsn_and_disk_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open_with(dir.path(), FsyncPolicy::Always, 1000).unwrap();
     let written = append_sequentially(&wal, 25, 3).await;
-    let (end, bytes) = (wal.end_lsn(), wal.disk_bytes());
     wal.close().await.unwrap();
+    // Closing trims the space written ahead: the files hold records only.
+    let (end, bytes) = (wal.end_lsn(), wal.disk_bytes());
+    let files = segment_files(dir.path());
+    let on_disk: u64 = files.iter().map(|f| fs::metadata(f).unwrap().len()).sum();
+    assert_eq!(bytes, on_disk);
+    assert_eq!(on_disk, HEADER_LEN * files.len() as u64 + end);
 
     let wal = Wal::open_with(dir.path(), FsyncPolicy::Always, 1000).unwrap();
     assert_eq!((wal.end_lsn(), wal.disk_bytes()), (end, bytes));

@@ -1,470 +1,446 @@
-//! The writer thread: the one owner of the active segment. It groups appends and answers them.
+//! The writer: appends are staged in memory and written to the active segment in groups by one
+//! tokio task, on the runtime that serves the requests.
 //!
-//! A dedicated OS thread rather than a tokio task: `write` and `fdatasync` block, and a blocked async
-//! worker would stall unrelated requests. The loop blocks for the first command, drains whatever else
-//! is already queued (up to [`GROUP_BYTES`]), and writes the group with one `write`.
+//! An append frames its record into the staged group under a mutex (a copy of its bytes) and
+//! awaits its answer. The first append of a group wakes the writer task, which yields once, so
+//! that every request already runnable on this worker stages its record too, then takes the whole
+//! group and writes it with one `write`. Under `FsyncPolicy::Always` the group then goes to the
+//! [`super::syncer`] thread, which answers it after the fsync that covers it, while the next
+//! group is already being staged and written; under `Interval` the writer answers at once.
 //!
-//! Under `FsyncPolicy::Always` the fsyncs run on a second thread, the [`Syncer`]: it fsyncs whatever
-//! has been written, then answers every append that fsync covered, while the writer goes on writing
-//! the next groups. The group an fsync covers is whatever arrived while the previous one ran, and
-//! request processing does not sit idle behind an fsync. Measured at 64 connections with the server
-//! on one core: a single thread that wrote, fsynced and answered in turn reached ~40% of the
-//! durability-off rate, this ~50% (BENCHMARKS.md).
-//! Under `Interval` the writer answers right after the write and fsyncs when the oldest unsynced
-//! write is `interval` old (waking on a timeout if nothing else arrives).
+//! Why a task and not a writer thread (the first design): with the server on one core, every
+//! append made the request worker and a writer thread take turns — the worker ran out of work,
+//! parked, the writer ran, answered a handful of requests, and so on: ~0.4 context switches and a
+//! park of the worker per request. That cost ~40% of the durability-off rate even with no fsync at
+//! all (`--fsync interval`); BENCHMARKS.md has the figures. Here a group is whatever the worker
+//! processed since the last one, and the write happens on the same worker, without a switch.
 //!
-//! An I/O error leaves the file in an unknown state, and a failed fsync may have dropped dirty pages
-//! that a retry would then report as clean, so the first error breaks the log for good: the group and
-//! every later append get [`WalError::Broken`]; a restart re-validates the files.
+//! A small write to the page cache takes microseconds, so it runs on the worker; a group past
+//! [`INLINE_WRITE_BYTES`], or one that starts a new segment (an fsync of the old one and a file
+//! creation), is written on the blocking pool instead.
+//!
+//! The writer keeps [`PREALLOCATE_BYTES`] of zeros written ahead of the records, so that a
+//! record overwrites blocks the file already has: its `fdatasync` then flushes the data alone,
+//! where an append that grows the file also commits the file system's journal for the new size.
+//! Measured with `scripts/fsync-cost`: ~30% less CPU and wall time per `fdatasync`. The zeros are
+//! cut off before a segment is followed by the next one and when the log closes; after a crash
+//! the start-up scan keeps them as free space ([`super::segment`]).
+//!
+//! An I/O error leaves the file in an unknown state, so the first error breaks the log for good:
+//! the group and every later append get [`WalError::Broken`]; a restart re-validates the files.
 
 use super::segment::{self, HEADER_LEN};
 use super::{FsyncPolicy, Lsn, Shared, WalError};
-use parking_lot::{Condvar, Mutex};
-use std::collections::VecDeque;
 use std::fs::File;
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Instant;
 use tokio::sync::oneshot;
 
-/// A group is written once it holds this much (a few milliseconds of a disk's bandwidth).
-pub const GROUP_BYTES: usize = 4 << 20;
-/// How many times the writer yields, with nothing queued, before it closes a group.
-const LINGER_YIELDS: usize = 2;
-
 pub type Reply<T> = oneshot::Sender<Result<T, WalError>>;
+pub type Answer<T> = oneshot::Receiver<Result<T, WalError>>;
+/// Appends waiting for their answer, each with the LSN just past its record.
+pub type Waiting = Vec<(Reply<Lsn>, Lsn)>;
 
-pub enum Command {
-    /// Log an encoded batch body; answer with its end LSN once durable under the policy.
-    Append { body: Vec<u8>, reply: Reply<Lsn> },
-    /// Write and fsync everything queued before this, answer, and stop.
-    Close { reply: Reply<()> },
-}
+/// Groups up to this size are written on the async worker; larger ones on the blocking pool.
+pub const INLINE_WRITE_BYTES: usize = 256 << 10;
+/// How many times the writer yields before taking a group (see the module docs).
+const LINGER_YIELDS: usize = 1;
+/// Zeros written ahead of the records at a time (see the module docs).
+pub const PREALLOCATE_BYTES: u64 = 1 << 20;
+/// A staging buffer that grew past this is not kept for the next group.
+const KEEP_BUFFER_BYTES: usize = 8 << 20;
 
-/// Why the loop woke up.
-enum Wake {
-    Command(Command),
-    SyncDue,
-    Disconnected,
-}
-
-pub struct Writer {
-    shared: Arc<Shared>,
-    policy: FsyncPolicy,
-    segment_bytes: u64,
-    file: File,
-    path: PathBuf,
-    seg_start: Lsn,
-    /// End of the last staged record (in `buf` or written).
-    end: Lsn,
-    /// End of what was handed to the kernel.
-    written: Lsn,
-    /// End of what the last successful fsync covered.
-    synced: Lsn,
+/// Appends not yet written, and where the log is in its life. Behind [`Shared::stage`].
+pub struct Stage {
     buf: Vec<u8>,
-    /// When the oldest write not yet fsynced happened.
-    dirty_since: Option<Instant>,
-    /// The group's appends and the end LSN of each.
-    replies: Vec<(Reply<Lsn>, Lsn)>,
-    /// Under `Always`: the thread that fsyncs and answers.
-    syncer: Option<SyncerHandle>,
+    /// End of the last staged record.
+    end: Lsn,
+    /// Where the segment the next staged record goes into starts.
+    seg_start: Lsn,
+    replies: Waiting,
+    /// Where in `buf` a new segment starts, and its first LSN.
+    breaks: Vec<(usize, Lsn)>,
+    closes: Vec<Reply<()>>,
+    /// No more appends: a close was asked for, or every handle is gone.
+    closing: bool,
+    /// The writer wrote its last group and stopped the fsync thread.
+    closed: bool,
+    /// Why the log stopped taking writes after an I/O error.
+    pub broken: Option<String>,
+    writer_started: bool,
 }
 
-impl Writer {
-    /// A writer appending to `file`, the segment starting at `seg_start` and ending at `end`, all of
-    /// which is already on disk.
-    pub fn new(
-        shared: Arc<Shared>,
-        policy: FsyncPolicy,
-        segment_bytes: u64,
-        file: File,
-        seg_start: Lsn,
-        end: Lsn,
-    ) -> Writer {
-        let path = segment::path(&shared.dir, seg_start);
-        Writer {
-            shared,
-            policy,
-            segment_bytes,
-            file,
-            path,
-            seg_start,
+impl Stage {
+    /// The stage of a log whose records end at `end`, in the segment starting at `seg_start`.
+    pub fn new(end: Lsn, seg_start: Lsn) -> Stage {
+        Stage {
+            buf: Vec::new(),
             end,
-            written: end,
-            synced: end,
-            buf: Vec::with_capacity(64 << 10),
-            dirty_since: None,
+            seg_start,
             replies: Vec::new(),
-            syncer: None,
+            breaks: Vec::new(),
+            closes: Vec::new(),
+            closing: false,
+            closed: false,
+            broken: None,
+            writer_started: false,
         }
     }
 
-    /// The thread body; returns when closed, broken, or every handle is dropped.
-    pub fn run(mut self, rx: Receiver<Command>) {
-        if self.policy == FsyncPolicy::Always {
-            match SyncerHandle::start(self.shared.clone(), &self.file, self.synced) {
-                Ok(syncer) => self.syncer = Some(syncer),
-                Err(e) => return self.fail(e, None),
-            }
-        }
-        loop {
-            let first = match self.wait(&rx) {
-                Wake::Command(command) => command,
-                Wake::SyncDue => match self.sync() {
-                    Ok(()) => continue,
-                    Err(e) => return self.fail(e, None),
-                },
-                Wake::Disconnected => return self.shut_down(),
-            };
-            let mut close = None;
-            if let Err(e) = self
-                .gather(first, &rx, &mut close)
-                .and_then(|()| self.commit())
-            {
-                return self.fail(e, close);
-            }
-            if let Some(reply) = close {
-                self.stop_syncer();
-                let result = self.sync();
-                let failed = result.as_ref().err().map(|e| e.to_string());
-                let _ = reply.send(result);
-                if let Some(reason) = failed {
-                    *self.shared.broken.lock() = Some(reason);
-                }
-                return;
-            }
-        }
-    }
-
-    fn wait(&self, rx: &Receiver<Command>) -> Wake {
-        let deadline = match (self.policy, self.dirty_since) {
-            (FsyncPolicy::Interval(every), Some(since)) => since + every,
-            _ => return rx.recv().map_or(Wake::Disconnected, Wake::Command),
-        };
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(command) => Wake::Command(command),
-            Err(RecvTimeoutError::Timeout) => Wake::SyncDue,
-            Err(RecvTimeoutError::Disconnected) => Wake::Disconnected,
-        }
-    }
-
-    /// Stages `first` and everything already queued behind it, up to a group's worth or a close.
-    fn gather(
-        &mut self,
-        first: Command,
-        rx: &Receiver<Command>,
-        close: &mut Option<Reply<()>>,
-    ) -> Result<(), WalError> {
-        let mut next = Some(first);
-        while let Some(command) = next.take() {
-            match command {
-                Command::Append { body, reply } => self.stage(body, reply)?,
-                Command::Close { reply } => {
-                    *close = Some(reply);
-                    break;
-                }
-            }
-            if self.buf.len() < GROUP_BYTES {
-                next = rx.try_recv().ok().or_else(|| Self::linger(rx));
-            }
-        }
-        Ok(())
-    }
-
-    /// With the queue empty, gives the request threads a moment to finish what they are decoding
-    /// before the group is closed: `yield_now` lets a request thread sharing this core run until it
-    /// blocks. Without it, on one core, the first request of a burst wakes this thread, which then
-    /// commits a group of one and makes the rest of the burst wait a whole extra fsync (measured:
-    /// ~4 appends per fsync instead of dozens at 64 connections).
-    fn linger(rx: &Receiver<Command>) -> Option<Command> {
-        for _ in 0..LINGER_YIELDS {
-            std::thread::yield_now();
-            if let Ok(command) = rx.try_recv() {
-                return Some(command);
-            }
-        }
-        None
-    }
-
-    /// Frames one record into the group buffer, first moving to a new segment if it would not fit.
-    fn stage(&mut self, body: Vec<u8>, reply: Reply<Lsn>) -> Result<(), WalError> {
-        self.replies.push((reply, 0));
-        let used = self.end - self.seg_start;
-        if used > 0
-            && used + segment::frame_len(self.end - self.synced, body.len()) > self.segment_bytes
-        {
-            self.rotate()?;
-        }
-        let synced = self
-            .syncer
-            .as_ref()
-            .map_or(self.synced, |s| s.synced().max(self.synced));
+    /// Frames `body` as the next record; a record that would not fit the segment starts a new one.
+    fn push(&mut self, body: &[u8], reply: Reply<Lsn>, synced: Lsn, segment_bytes: u64) {
         let lag = self.end - synced.min(self.end);
-        segment::push_frame(&mut self.buf, lag, &body);
-        self.end += segment::frame_len(lag, body.len());
-        if let Some(last) = self.replies.last_mut() {
-            last.1 = self.end;
+        let frame = segment::frame_len(lag, body.len());
+        let used = self.end - self.seg_start;
+        if used > 0 && used + frame > segment_bytes {
+            self.breaks.push((self.buf.len(), self.end));
+            self.seg_start = self.end;
         }
-        Ok(())
+        segment::push_frame(&mut self.buf, lag, body);
+        self.end += frame;
+        self.replies.push((reply, self.end));
     }
 
-    /// Writes the group, fsyncs it if the policy says so, and answers it.
-    fn commit(&mut self) -> Result<(), WalError> {
-        self.flush()?;
-        if let Some(syncer) = &self.syncer {
-            return syncer.hand_over(self.written, self.replies.drain(..));
-        }
-        let sync_due = match self.policy {
-            FsyncPolicy::Always => true,
-            FsyncPolicy::Interval(every) => self.dirty_since.is_some_and(|t| t.elapsed() >= every),
-        };
-        if sync_due {
-            self.sync()?;
-        }
-        self.shared.acked.store(self.end, Ordering::Release);
-        for (reply, lsn) in self.replies.drain(..) {
-            let _ = reply.send(Ok(lsn));
-        }
-        Ok(())
-    }
-
-    /// Ends the active segment (durably) and starts the next one at the current end.
-    fn rotate(&mut self) -> Result<(), WalError> {
-        self.flush()?;
-        self.sync()?;
-        self.file = segment::create(&self.shared.dir, self.end)?;
-        self.path = segment::path(&self.shared.dir, self.end);
-        if let Some(syncer) = &self.syncer {
-            let file = self
-                .file
-                .try_clone()
-                .map_err(segment::io_err("dup", &self.path))?;
-            syncer.switch_file(file);
-        }
-        self.seg_start = self.end;
-        self.shared.segments.lock().push(self.end);
-        self.shared
-            .disk_bytes
-            .fetch_add(HEADER_LEN, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Lets the syncer fsync and answer what was handed to it, and waits for it to end.
-    fn stop_syncer(&mut self) {
-        if let Some(syncer) = self.syncer.take() {
-            syncer.stop();
+    /// Takes everything staged, leaving `spare` (empty) as the next group's buffer.
+    fn take(&mut self, spare: &mut Vec<u8>) -> Group {
+        Group {
+            buf: std::mem::replace(&mut self.buf, std::mem::take(spare)),
+            breaks: std::mem::take(&mut self.breaks),
+            end: self.end,
+            replies: std::mem::take(&mut self.replies),
+            closing: self.closing,
+            released: self.closing && self.closes.is_empty(),
         }
     }
 
-    fn flush(&mut self) -> Result<(), WalError> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        self.file
-            .write_all(&self.buf)
-            .map_err(segment::io_err("write", &self.path))?;
-        self.shared
-            .disk_bytes
-            .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
-        self.written = self.end;
-        self.dirty_since.get_or_insert_with(Instant::now);
+    /// Every staged append and close, to be answered `Broken`.
+    fn drain(&mut self) -> (Waiting, Vec<Reply<()>>) {
         self.buf.clear();
-        if self.buf.capacity() > 2 * GROUP_BYTES {
-            // One huge record should not pin its buffer for the life of the process.
-            self.buf = Vec::with_capacity(64 << 10);
-        }
-        Ok(())
-    }
-
-    fn sync(&mut self) -> Result<(), WalError> {
-        if self.synced == self.written {
-            self.dirty_since = None;
-            return Ok(());
-        }
-        #[cfg(test)]
-        if self.shared.fail_next_sync.swap(false, Ordering::Relaxed) {
-            let injected = std::io::Error::other("injected fsync failure");
-            return Err(segment::io_err("fsync", &self.path)(injected));
-        }
-        self.file
-            .sync_data()
-            .map_err(segment::io_err("fsync", &self.path))?;
-        self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-        self.synced = self.written;
-        self.dirty_since = None;
-        Ok(())
-    }
-
-    /// Marks the log broken and answers everything pending with the reason.
-    fn fail(mut self, error: WalError, close: Option<Reply<()>>) {
-        self.stop_syncer();
-        let reason = error.to_string();
-        tracing::error!(error = %reason, "write-ahead log failed; refusing further writes");
-        *self.shared.broken.lock() = Some(reason.clone());
-        for (reply, _) in self.replies.drain(..) {
-            let _ = reply.send(Err(WalError::Broken(reason.clone())));
-        }
-        if let Some(reply) = close {
-            let _ = reply.send(Err(WalError::Broken(reason)));
-        }
-    }
-
-    /// Every handle is gone without a close: make what was written durable anyway.
-    fn shut_down(mut self) {
-        self.stop_syncer();
-        if let Err(e) = self.sync() {
-            tracing::error!(error = %e, "write-ahead log: final fsync failed");
-        }
+        self.breaks.clear();
+        (
+            std::mem::take(&mut self.replies),
+            std::mem::take(&mut self.closes),
+        )
     }
 }
 
-/// What the writer and the syncer share under `Always`.
-struct SyncQueue {
-    state: Mutex<SyncState>,
-    wake: Condvar,
-    shared: Arc<Shared>,
+/// One group taken from the stage.
+struct Group {
+    buf: Vec<u8>,
+    breaks: Vec<(usize, Lsn)>,
+    /// End of the group's last record.
+    end: Lsn,
+    replies: Waiting,
+    closing: bool,
+    /// Every handle is gone (no close): nobody waits for this group's answers.
+    released: bool,
 }
 
-struct SyncState {
-    /// End of what the writer handed to the kernel.
-    written: Lsn,
-    /// End of what the last fsync covered.
-    synced: Lsn,
-    /// The active segment (a duplicate handle of the writer's).
-    file: Arc<File>,
-    /// Appends written but not yet answered, in LSN order.
-    pending: VecDeque<(Reply<Lsn>, Lsn)>,
-    stop: bool,
-    /// Why an fsync failed; from then on every append is answered `Broken`.
-    failed: Option<String>,
+/// The segment the writer appends to.
+pub struct Active {
+    pub file: File,
+    pub path: PathBuf,
+    /// Where the next record goes.
+    pub offset: u64,
+    /// The file's length: past `offset` it holds zeros written ahead of the records.
+    pub len: u64,
 }
 
-/// The writer's handle on the syncer thread.
-struct SyncerHandle {
-    queue: Arc<SyncQueue>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl SyncerHandle {
-    fn start(shared: Arc<Shared>, file: &File, synced: Lsn) -> Result<SyncerHandle, WalError> {
-        let path = shared.dir.clone();
-        let file = file.try_clone().map_err(segment::io_err("dup", &path))?;
-        let queue = Arc::new(SyncQueue {
-            state: Mutex::new(SyncState {
-                written: synced,
-                synced,
-                file: Arc::new(file),
-                pending: VecDeque::new(),
-                stop: false,
-                failed: None,
-            }),
-            wake: Condvar::new(),
-            shared,
-        });
-        let for_thread = queue.clone();
-        let thread = std::thread::Builder::new()
-            .name("wal-syncer".into())
-            .spawn(move || Syncer(for_thread).run())
-            .map_err(|e| WalError::Broken(format!("cannot start the fsync thread: {e}")))?;
-        Ok(SyncerHandle {
-            queue,
-            thread: Some(thread),
-        })
+impl Active {
+    /// Whether writing `bytes` more needs more pre-allocated space first.
+    fn needs_room(&self, bytes: usize) -> bool {
+        self.offset + bytes as u64 + PREALLOCATE_BYTES / 2 > self.len
     }
+}
 
-    fn synced(&self) -> Lsn {
-        self.queue.state.lock().synced
+/// Stages one encoded batch body; the answer comes once it is durable under the policy.
+pub fn append(shared: &Arc<Shared>, body: &[u8]) -> Result<Answer<Lsn>, WalError> {
+    let (reply, answer) = oneshot::channel();
+    let mut stage = shared.stage.lock();
+    if let Some(reason) = &stage.broken {
+        return Err(WalError::Broken(reason.clone()));
     }
+    if stage.closing {
+        return Err(WalError::Closed);
+    }
+    let first = stage.replies.is_empty();
+    let synced = shared.synced.load(Ordering::Acquire);
+    stage.push(body, reply, synced, shared.segment_bytes);
+    let start = !std::mem::replace(&mut stage.writer_started, true);
+    drop(stage);
+    if start {
+        tokio::spawn(run(shared.clone()));
+    }
+    if first {
+        shared.wake.notify_one();
+    }
+    Ok(answer)
+}
 
-    /// Queues written appends for the next fsync.
-    fn hand_over(
-        &self,
-        written: Lsn,
-        replies: impl Iterator<Item = (Reply<Lsn>, Lsn)>,
-    ) -> Result<(), WalError> {
-        let mut state = self.queue.state.lock();
-        if let Some(reason) = state.failed.clone() {
-            drop(state);
-            for (reply, _) in replies {
-                let _ = reply.send(Err(WalError::Broken(reason.clone())));
+/// Asks the writer to write and fsync everything staged, then stop. `None` when it already has.
+pub fn close(shared: &Arc<Shared>) -> Result<Option<Answer<()>>, WalError> {
+    let mut stage = shared.stage.lock();
+    if let Some(reason) = &stage.broken {
+        return Err(WalError::Broken(reason.clone()));
+    }
+    if stage.closed {
+        return Ok(None);
+    }
+    let (reply, answer) = oneshot::channel();
+    stage.closes.push(reply);
+    stage.closing = true;
+    let start = !std::mem::replace(&mut stage.writer_started, true);
+    drop(stage);
+    if start {
+        tokio::spawn(run(shared.clone()));
+    }
+    shared.wake.notify_one();
+    Ok(Some(answer))
+}
+
+/// Every handle is gone: no more appends. A running writer writes what is staged, lets the fsync
+/// thread sync it, and ends; without one, dropping the log stops the fsync thread the same way.
+pub fn release(shared: &Shared) {
+    shared.stage.lock().closing = true;
+    shared.wake.notify_one();
+}
+
+/// The writer task: take a group, write it, hand it on; until the log closes or breaks.
+async fn run(shared: Arc<Shared>) {
+    let mut spare = Vec::new();
+    loop {
+        shared.wake.notified().await;
+        for _ in 0..LINGER_YIELDS {
+            tokio::task::yield_now().await;
+        }
+        let group = {
+            let mut stage = shared.stage.lock();
+            if stage.broken.is_some() {
+                return; // whoever broke it answered everything staged
             }
-            return Err(WalError::Broken(reason));
+            stage.take(&mut spare)
+        };
+        if group.released {
+            // Not written: only appends whose callers gave up can be staged now, and the
+            // directory may already be open again (a restart in the same process).
+            return finish(shared).await;
         }
-        state.written = written;
-        state.pending.extend(replies);
-        self.queue.wake.notify_one();
-        Ok(())
-    }
-
-    /// The writer moved to a new segment (it fsynced the old one itself).
-    fn switch_file(&self, file: File) {
-        self.queue.state.lock().file = Arc::new(file);
-    }
-
-    fn stop(mut self) {
-        self.queue.state.lock().stop = true;
-        self.queue.wake.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        let Group {
+            buf,
+            breaks,
+            end,
+            replies,
+            closing,
+            ..
+        } = group;
+        let (written, mut buf) = write_group(&shared, buf, breaks).await;
+        buf.clear();
+        if buf.capacity() <= KEEP_BUFFER_BYTES {
+            spare = buf;
+        }
+        let committed = match written {
+            Ok(()) => commit(&shared, end, replies),
+            Err(e) => {
+                answer_broken(replies, &e.to_string());
+                Err(e)
+            }
+        };
+        if let Err(e) = committed {
+            let reason = e.to_string();
+            tracing::error!(error = %reason, "write-ahead log failed; refusing further writes");
+            shared.break_log(&reason);
+            return;
+        }
+        if closing {
+            return finish(shared).await;
         }
     }
 }
 
-/// The fsync thread: fsync what is written, answer what that covered, repeat.
-struct Syncer(Arc<SyncQueue>);
+/// Writes a group: on this worker when small, else on the blocking pool.
+async fn write_group(
+    shared: &Arc<Shared>,
+    buf: Vec<u8>,
+    breaks: Vec<(usize, Lsn)>,
+) -> (Result<(), WalError>, Vec<u8>) {
+    let inline = breaks.is_empty()
+        && buf.len() <= INLINE_WRITE_BYTES
+        && !shared.active.lock().needs_room(buf.len());
+    if inline {
+        let result = write(shared, &buf, &breaks);
+        return (result, buf);
+    }
+    let for_pool = shared.clone();
+    let job = tokio::task::spawn_blocking(move || {
+        let result = write(&for_pool, &buf, &breaks);
+        (result, buf)
+    });
+    match job.await {
+        Ok(done) => done,
+        Err(e) => (
+            Err(WalError::Broken(format!(
+                "the log's write did not finish: {e}"
+            ))),
+            Vec::new(),
+        ),
+    }
+}
 
-impl Syncer {
-    fn run(self) {
-        let queue = &self.0;
-        loop {
-            let (target, file) = {
-                let mut state = queue.state.lock();
-                while state.written <= state.synced && !state.stop {
-                    queue.wake.wait(&mut state);
-                }
-                if state.written <= state.synced {
-                    return; // stopping, and everything handed over is answered
-                }
-                (state.written, state.file.clone())
-            };
-            #[cfg(test)]
-            let result = if queue.shared.fail_next_sync.swap(false, Ordering::Relaxed) {
-                Err(std::io::Error::other("injected fsync failure"))
-            } else {
-                file.sync_data()
-            };
-            #[cfg(not(test))]
-            let result = file.sync_data();
-            let mut state = queue.state.lock();
-            match result {
-                Ok(()) => {
-                    queue.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-                    state.synced = target;
-                    queue.shared.acked.fetch_max(target, Ordering::AcqRel);
-                    let mut done = Vec::new();
-                    while state.pending.front().is_some_and(|(_, lsn)| *lsn <= target) {
-                        done.extend(state.pending.pop_front());
-                    }
-                    drop(state);
-                    for (reply, lsn) in done {
-                        let _ = reply.send(Ok(lsn));
-                    }
-                }
-                Err(e) => {
-                    let reason = format!("fsync failed: {e}");
-                    tracing::error!(error = %reason, "write-ahead log failed; refusing further writes");
-                    *queue.shared.broken.lock() = Some(reason.clone());
-                    state.failed = Some(reason.clone());
-                    for (reply, _) in state.pending.drain(..) {
-                        let _ = reply.send(Err(WalError::Broken(reason.clone())));
-                    }
-                    return;
-                }
+/// Writes `buf` to the active segment, moving to a new segment at each break.
+fn write(shared: &Shared, buf: &[u8], breaks: &[(usize, Lsn)]) -> Result<(), WalError> {
+    let mut active = shared.active.lock();
+    let mut from = 0;
+    for &(at, start) in breaks {
+        write_bytes(shared, &mut active, &buf[from..at])?;
+        rotate(shared, &mut active, start)?;
+        from = at;
+    }
+    write_bytes(shared, &mut active, &buf[from..])
+}
+
+fn write_bytes(shared: &Shared, active: &mut Active, bytes: &[u8]) -> Result<(), WalError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    if active.needs_room(bytes.len()) {
+        preallocate(shared, active, bytes.len())?;
+    }
+    active
+        .file
+        .write_all_at(bytes, active.offset)
+        .map_err(segment::io_err("write", &active.path))?;
+    active.offset += bytes.len() as u64;
+    if active.offset > active.len {
+        // A record larger than the space written ahead.
+        let grown = active.offset - active.len;
+        shared.disk_bytes.fetch_add(grown, Ordering::Relaxed);
+        active.len = active.offset;
+    }
+    Ok(())
+}
+
+/// Writes zeros past the end of the file, so that the next records overwrite existing blocks:
+/// their `fdatasync` then only flushes data, where growing the file would also commit the
+/// journal for its new size each time.
+fn preallocate(shared: &Shared, active: &mut Active, bytes: usize) -> Result<(), WalError> {
+    let want = active.offset + bytes as u64 + PREALLOCATE_BYTES;
+    let more = want.saturating_sub(active.len);
+    let zeros = vec![0u8; usize::try_from(more).unwrap_or(usize::MAX)];
+    active
+        .file
+        .write_all_at(&zeros, active.len)
+        .map_err(segment::io_err("pre-allocate", &active.path))?;
+    active.len = want;
+    shared.disk_bytes.fetch_add(more, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Cuts the pre-allocated zeros off the active segment (durably), so that it ends at its last
+/// record: before it is followed by a new segment, and when the log closes.
+fn trim(shared: &Shared, active: &mut Active) -> Result<(), WalError> {
+    if active.len > active.offset {
+        let path = &active.path;
+        active
+            .file
+            .set_len(active.offset)
+            .map_err(segment::io_err("truncate", path))?;
+        active
+            .file
+            .sync_all()
+            .map_err(segment::io_err("fsync", path))?;
+        let cut = active.len - active.offset;
+        shared.disk_bytes.fetch_sub(cut, Ordering::Relaxed);
+        active.len = active.offset;
+    }
+    Ok(())
+}
+
+/// Ends the active segment (durably: a segment is complete before its successor exists) and
+/// starts the next one at `start`.
+fn rotate(shared: &Shared, active: &mut Active, start: Lsn) -> Result<(), WalError> {
+    trim(shared, active)?;
+    shared.sync_file(&active.file, &active.path)?;
+    shared.synced.fetch_max(start, Ordering::AcqRel);
+    let file = segment::create(&shared.dir, start)?;
+    let path = segment::path(&shared.dir, start);
+    let for_syncer = file.try_clone().map_err(segment::io_err("dup", &path))?;
+    shared.syncer.switch_file(for_syncer, path.clone(), start);
+    shared.segments.lock().push(start);
+    shared.disk_bytes.fetch_add(HEADER_LEN, Ordering::Relaxed);
+    *active = Active {
+        file,
+        path,
+        offset: HEADER_LEN,
+        len: HEADER_LEN,
+    };
+    Ok(())
+}
+
+/// A written group: to the fsync thread (`Always`), or answered now (`Interval`).
+fn commit(shared: &Shared, end: Lsn, replies: Waiting) -> Result<(), WalError> {
+    match shared.policy {
+        FsyncPolicy::Always => shared.syncer.hand_over(end, replies.into_iter()),
+        FsyncPolicy::Interval(_) => {
+            shared.acked.fetch_max(end, Ordering::AcqRel);
+            shared.syncer.wrote(end);
+            for (reply, lsn) in replies {
+                let _ = reply.send(Ok(lsn));
             }
+            Ok(())
+        }
+    }
+}
+
+/// The last group is written: trim the pre-allocated space if this is a close, stop the fsync
+/// thread (it syncs and answers what it holds), then answer the closes.
+async fn finish(shared: Arc<Shared>) {
+    // Only on a close: when the handles were dropped instead, the directory may already be open
+    // again (a restart in the same process), and the new log appends past this one's end.
+    let closed = !shared.stage.lock().closes.is_empty();
+    let for_pool = shared.clone();
+    let stopped = tokio::task::spawn_blocking(move || {
+        let trimmed = match closed {
+            true => trim(&for_pool, &mut for_pool.active.lock()).map_err(|e| e.to_string()),
+            false => Ok(()),
+        };
+        let stopped = for_pool.syncer.stop();
+        trimmed.and(stopped)
+    })
+    .await;
+    let result = stopped.unwrap_or_else(|e| Err(format!("the fsync thread did not stop: {e}")));
+    let closes = {
+        let mut stage = shared.stage.lock();
+        stage.closed = true;
+        if let Err(reason) = &result {
+            stage.broken.get_or_insert_with(|| reason.clone());
+        }
+        std::mem::take(&mut stage.closes)
+    };
+    for close in closes {
+        let _ = close.send(result.clone().map_err(WalError::Broken));
+    }
+}
+
+fn answer_broken(replies: Waiting, reason: &str) {
+    for (reply, _) in replies {
+        let _ = reply.send(Err(WalError::Broken(reason.to_string())));
+    }
+}
+
+impl Shared {
+    /// Breaks the log for good: later appends and closes fail, and everything staged is answered
+    /// with `reason`.
+    pub fn break_log(&self, reason: &str) {
+        let (replies, closes) = {
+            let mut stage = self.stage.lock();
+            stage.broken.get_or_insert_with(|| reason.to_string());
+            stage.drain()
+        };
+        answer_broken(replies, reason);
+        for close in closes {
+            let _ = close.send(Err(WalError::Broken(reason.to_string())));
         }
     }
 }
