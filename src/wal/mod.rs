@@ -225,6 +225,7 @@ impl Wal {
                 path,
                 offset: segment::HEADER_LEN + (recovered.end - active),
                 len,
+                limit: segment::HEADER_LEN + segment_bytes,
             }),
             syncer,
             #[cfg(test)]

@@ -106,6 +106,12 @@ async fn appends_read_back_across_segment_rotation() {
     assert!(files.len() > 5, "expected rotation, got {files:?}");
     let on_disk: u64 = files.iter().map(|f| fs::metadata(f).unwrap().len()).sum();
     assert_eq!(wal.disk_bytes(), on_disk);
+    // Zeros are written ahead only up to the segment limit, and cut off finished segments.
+    let lens: Vec<u64> = files
+        .iter()
+        .map(|f| fs::metadata(f).unwrap().len())
+        .collect();
+    assert!(lens.iter().all(|&len| len <= HEADER_LEN + 400), "{lens:?}");
 
     assert_eq!(read_all(&wal, 0), written);
     // From a record boundary (the fast path), and from inside a record (the fallback).

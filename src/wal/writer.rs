@@ -150,12 +150,20 @@ pub struct Active {
     pub offset: u64,
     /// The file's length: past `offset` it holds zeros written ahead of the records.
     pub len: u64,
+    /// The segment's size limit as a file length: no zeros are written past it.
+    pub limit: u64,
 }
 
 impl Active {
     /// Whether writing `bytes` more needs more pre-allocated space first.
     fn needs_room(&self, bytes: usize) -> bool {
-        self.offset + bytes as u64 + PREALLOCATE_BYTES / 2 > self.len
+        self.len < self.ahead(bytes, PREALLOCATE_BYTES / 2)
+    }
+
+    /// The file length that leaves `room` of zeros after `bytes` more, within the segment.
+    fn ahead(&self, bytes: usize, room: u64) -> u64 {
+        let end = self.offset + bytes as u64;
+        (end + room).min(self.limit.max(end))
     }
 }
 
@@ -329,8 +337,11 @@ fn write_bytes(shared: &Shared, active: &mut Active, bytes: &[u8]) -> Result<(),
 /// their `fdatasync` then only flushes data, where growing the file would also commit the
 /// journal for its new size each time.
 fn preallocate(shared: &Shared, active: &mut Active, bytes: usize) -> Result<(), WalError> {
-    let want = active.offset + bytes as u64 + PREALLOCATE_BYTES;
+    let want = active.ahead(bytes, PREALLOCATE_BYTES);
     let more = want.saturating_sub(active.len);
+    if more == 0 {
+        return Ok(());
+    }
     let zeros = vec![0u8; usize::try_from(more).unwrap_or(usize::MAX)];
     active
         .file
@@ -378,6 +389,7 @@ fn rotate(shared: &Shared, active: &mut Active, start: Lsn) -> Result<(), WalErr
         path,
         offset: HEADER_LEN,
         len: HEADER_LEN,
+        limit: active.limit,
     };
     Ok(())
 }
