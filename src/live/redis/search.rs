@@ -35,7 +35,7 @@
 //! miss them — a known limit of the reference design, irrelevant for road fleets.
 
 use super::{geohash, scripts, RedisLiveError, Shared};
-use crate::domain::{DriverId, Position, Status};
+use crate::domain::{DriverId, Position, Status, StatusSet};
 use crate::geo::{hav_to_meters, meters_to_hav, EARTH_RADIUS_M, RAD_PER_E6};
 use crate::live::{BoxQuery, NearbyHit, NearbyQuery};
 use futures_util::future::join_all;
@@ -236,9 +236,11 @@ async fn nearest_within(
         // Hits nearer than `certain` are complete; farther ones may miss candidates not returned.
         let mut certain = f64::INFINITY;
         let mut ids: Vec<DriverId> = Vec::new();
+        // The area each candidate came from, for the status pre-filter.
+        let mut area_of: Vec<usize> = Vec::new();
         let mut seen: HashSet<DriverId> = HashSet::new();
         let mut returned = 0;
-        for reply in replies {
+        for (area, reply) in replies.into_iter().enumerate() {
             let items = scripts::array(reply)?;
             let full = count.is_some_and(|c| items.len() >= c);
             returned += items.len();
@@ -250,6 +252,7 @@ async fn nearest_within(
                 };
                 farthest = farthest.max(scripts::float(dist)?);
                 candidate(scripts::text(member)?, prefix, &mut seen, &mut ids);
+                area_of.resize(ids.len(), area);
             }
             if full {
                 let bound = farthest * (EARTH_RADIUS_M / REDIS_EARTH_RADIUS_M) - MARGIN_M;
@@ -261,12 +264,14 @@ async fn nearest_within(
                 box_search(&shared.layout.geo_key(area), s, w, n, e)
             })
             .await?;
-            for reply in replies {
+            for (area, reply) in replies.into_iter().enumerate() {
                 for member in scripts::array(reply)? {
                     candidate(scripts::text(&member)?, prefix, &mut seen, &mut ids);
+                    area_of.resize(ids.len(), area);
                 }
             }
         }
+        let ids = with_status(shared, &areas, ids, &area_of, q.statuses).await?;
         let mut hits: Vec<NearbyHit> = shared
             .read(&ids, false)
             .await?
@@ -301,6 +306,60 @@ fn candidate(
         seen.insert(DriverId::new(id));
         ids.push(DriverId::new(id));
     }
+}
+
+/// Most ids per `ZMSCORE` of the status pre-filter.
+const STATUS_CHECK_CHUNK: usize = 1024;
+
+/// Drops the candidates that are not in the seen set of any status asked for, when the query asks
+/// for fewer than both statuses the GEO set holds (online and busy). Without it, a filter few
+/// drivers match read a meta hash per driver in the circle: `status=busy` within 10 km of a city
+/// of 1,000,000 online drivers took 12 s of Redis time. A `ZMSCORE` costs Redis a hash lookup per
+/// id, a fraction of an `HMGET`. The seen sets are kept with the status by the same scripts that
+/// write the meta hashes, so no matching driver is dropped; the meta hash stays the truth for
+/// the drivers kept.
+async fn with_status(
+    shared: &Shared,
+    areas: &[String],
+    ids: Vec<DriverId>,
+    area_of: &[usize],
+    statuses: StatusSet,
+) -> Result<Vec<DriverId>, RedisLiveError> {
+    let wanted: Vec<Status> = [Status::Online, Status::Busy]
+        .into_iter()
+        .filter(|&s| statuses.contains(s))
+        .collect();
+    if wanted.len() == 2 || ids.is_empty() {
+        return Ok(ids);
+    }
+    let mut by_area: Vec<Vec<&DriverId>> = vec![Vec::new(); areas.len()];
+    for (id, &area) in ids.iter().zip(area_of) {
+        by_area[area].push(id);
+    }
+    let mut checks = Vec::new();
+    for (area, members) in areas.iter().zip(&by_area) {
+        for status in &wanted {
+            let key = &shared.layout.seen_keys(area)[*status as usize];
+            for chunk in members.chunks(STATUS_CHECK_CHUNK) {
+                let mut cmd = redis::cmd("ZMSCORE");
+                cmd.arg(key);
+                for id in chunk {
+                    cmd.arg(id.as_str());
+                }
+                let mut conn = shared.conn();
+                checks.push(async move { (chunk, cmd.query_async::<Vec<Value>>(&mut conn).await) });
+            }
+        }
+    }
+    let mut kept = Vec::new();
+    for (chunk, reply) in join_all(checks).await {
+        for (id, score) in chunk.iter().zip(reply?) {
+            if score != Value::Nil {
+                kept.push((*id).clone());
+            }
+        }
+    }
+    Ok(kept)
 }
 
 /// The `COUNT` of the next round, `None` for no limit. Every round re-reads the whole circle inside
