@@ -373,11 +373,70 @@ async fn expiry_removes_silent_drivers_once(target: &RedisTarget) {
     assert_eq!(live.upsert(&[back]).await.unwrap(), [Upsert::Applied]);
 }
 
+/// A status few drivers have is read from its seen sets (`few_by_status`), not the GEO set: same
+/// answers as the embedded index, for everyone and for one tenant, after status changes too.
+async fn rare_statuses_match_the_embedded_index(target: &RedisTarget) {
+    let live = fresh(target, TTL).await;
+    let memory = MemoryIndex::new(TTL);
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut positions = Vec::new();
+    for i in 0..2500 {
+        // ~1 in 40 busy; some busy drivers later report online, and the other way round.
+        let status = if rng.random_range(0..40) == 0 {
+            Status::Busy
+        } else {
+            Status::Online
+        };
+        let id = i % 2000;
+        let tenant = ["t1/", ""][id % 2];
+        positions.push(pos(
+            &format!("{tenant}r{id}"),
+            31_230_000 + rng.random_range(-100_000..100_000),
+            121_470_000 + rng.random_range(-120_000..120_000),
+            status,
+            T0 + i as i64,
+        ));
+    }
+    for chunk in positions.chunks(500) {
+        live.upsert(chunk).await.unwrap();
+        let now = Instant::now();
+        for p in chunk {
+            memory.upsert(p, now);
+        }
+    }
+    let mut busy = StatusSet::empty();
+    busy.insert(Status::Busy);
+    for round in 0..20 {
+        let q = NearbyQuery {
+            lat_e6: 31_230_000 + rng.random_range(-100_000..100_000),
+            lon_e6: 121_470_000 + rng.random_range(-120_000..120_000),
+            radius_m: [300.0, 3_000.0, 30_000.0][round % 3],
+            limit: [1, 5, 50][rng.random_range(0..3)],
+            statuses: busy,
+        };
+        let want = memory.nearby(&q, Instant::now());
+        assert_eq!(live.nearby(&q).await.unwrap(), want, "nearby {q:?}");
+        let want = memory.nearby_in(&q, Some("t1/"), Instant::now());
+        let got = live.nearby_in(&q, Some("t1/")).await.unwrap();
+        assert_eq!(got, want, "nearby of t1/ {q:?}");
+    }
+    let everyone = NearbyQuery {
+        lat_e6: 31_230_000,
+        lon_e6: 121_470_000,
+        radius_m: 50_000.0,
+        limit: 1000,
+        statuses: busy,
+    };
+    let found = live.nearby(&everyone).await.unwrap().len();
+    assert!((20..700).contains(&found), "{found} busy drivers");
+}
+
 async fn contract(target: &RedisTarget) {
     round_trip_and_stale(target).await;
     offline_is_kept_but_not_searched(target).await;
     tenant_counts_see_only_the_tenant(target).await;
     queries_match_the_embedded_index(target).await;
+    rare_statuses_match_the_embedded_index(target).await;
     expiry_removes_silent_drivers_once(target).await;
 }
 
