@@ -275,14 +275,7 @@ async fn nearest_within(
             }
         }
         let ids = with_status(shared, &areas, ids, &area_of, q.statuses).await?;
-        let mut hits: Vec<NearbyHit> = shared
-            .read(&ids, false)
-            .await?
-            .into_iter()
-            .flatten()
-            .filter_map(|(_, p)| exact.hit(&p))
-            .collect();
-        sort_nearest(&mut hits);
+        let mut hits = measure(shared, &exact, &ids).await?;
         let sure = hits.iter().take_while(|h| h.distance_m < certain).count();
         if certain.is_infinite() || sure >= limit {
             hits.truncate(limit);
@@ -379,26 +372,31 @@ async fn few_by_status(
             candidate(&id, prefix, &mut seen, &mut ids);
         }
     }
-    let exact = Exact::new(q);
+    let mut hits = measure(shared, &Exact::new(q), &ids).await?;
+    hits.truncate(q.limit.max(1));
+    Ok(Some(hits))
+}
+
+/// Reads the candidates' meta hashes and returns the hits among them, nearest first (ties by
+/// driver id, as the embedded index).
+async fn measure(
+    shared: &Shared,
+    exact: &Exact,
+    ids: &[DriverId],
+) -> Result<Vec<NearbyHit>, RedisLiveError> {
     let mut hits: Vec<NearbyHit> = shared
-        .read(&ids, false)
+        .read(ids, false)
         .await?
         .into_iter()
         .flatten()
         .filter_map(|(_, p)| exact.hit(&p))
         .collect();
-    sort_nearest(&mut hits);
-    hits.truncate(q.limit.max(1));
-    Ok(Some(hits))
-}
-
-/// Nearest first; ties by driver id, as the embedded index.
-fn sort_nearest(hits: &mut [NearbyHit]) {
     hits.sort_by(|a, b| {
         a.distance_m
             .total_cmp(&b.distance_m)
             .then_with(|| a.driver_id.cmp(&b.driver_id))
     });
+    Ok(hits)
 }
 
 /// Most ids per `ZMSCORE` of the status pre-filter.
