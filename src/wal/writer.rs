@@ -213,8 +213,9 @@ pub fn close(shared: &Arc<Shared>) -> Result<Option<Answer<()>>, WalError> {
     Ok(Some(answer))
 }
 
-/// Every handle is gone: no more appends. A running writer writes what is staged, lets the fsync
-/// thread sync it, and ends; without one, dropping the log stops the fsync thread the same way.
+/// Every handle is gone: no more appends. A running writer drops what is staged (no caller waits
+/// for it), stops the fsync thread, which syncs what was written, and ends; without a writer,
+/// dropping the log stops the fsync thread the same way.
 pub fn release(shared: &Shared) {
     shared.stage.lock().closing = true;
     shared.wake.notify_one();
