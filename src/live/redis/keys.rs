@@ -106,10 +106,15 @@ impl Layout {
 
     /// The seen sets of an area, indexed by `Status as usize`.
     pub fn seen_keys(self, area: &str) -> [String; 3] {
-        Status::ALL.map(|s| match self {
-            Layout::Standalone => format!("drivers:seen:{}", s.as_str()),
-            Layout::Cluster => format!("drivers:seen:{}:{{{area}}}", s.as_str()),
-        })
+        Status::ALL.map(|s| self.seen_key(area, s))
+    }
+
+    /// The seen set of one status in an area.
+    pub fn seen_key(self, area: &str, status: Status) -> String {
+        match self {
+            Layout::Standalone => format!("drivers:seen:{}", status.as_str()),
+            Layout::Cluster => format!("drivers:seen:{}:{{{area}}}", status.as_str()),
+        }
     }
 
     /// The rosters of an area (tenants' drivers by status, by id), indexed by `Status as usize`.

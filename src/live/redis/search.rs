@@ -167,7 +167,8 @@ pub(super) async fn nearby(
     q: &NearbyQuery,
     prefix: Option<&str>,
 ) -> Result<Vec<NearbyHit>, RedisLiveError> {
-    if q.statuses.is_empty() || q.radius_m.is_nan() || q.radius_m < 0.0 {
+    let searched = q.statuses.contains(Status::Online) || q.statuses.contains(Status::Busy);
+    if !searched || q.radius_m.is_nan() || q.radius_m < 0.0 {
         return Ok(Vec::new());
     }
     if let Some(hits) = few_by_status(shared, q, prefix).await? {
@@ -303,15 +304,19 @@ fn candidate(
 /// A status filter matched by at most this many drivers in the query's areas reads them all from
 /// the seen sets instead of searching the GEO set (lower in tests, so that the contract tests'
 /// city of ~1,000 drivers per status still takes the GEO path).
-const FEW_BY_STATUS: u64 = if cfg!(test) { 700 } else { 4096 };
+const FEW_BY_STATUS: i64 = if cfg!(test) { 700 } else { 4096 };
 
-/// The statuses of a filter narrower than the GEO set's (online and busy), if it is narrower.
-fn narrow(statuses: StatusSet) -> Option<Vec<Status>> {
-    let wanted: Vec<Status> = [Status::Online, Status::Busy]
-        .into_iter()
-        .filter(|&s| statuses.contains(s))
-        .collect();
-    (wanted.len() < 2).then_some(wanted)
+/// The one status a filter keeps of the two the GEO set holds (online, busy); `None` when it keeps
+/// both. ([`nearby`] answers a filter that keeps neither without searching.)
+fn narrow(statuses: StatusSet) -> Option<Status> {
+    match (
+        statuses.contains(Status::Online),
+        statuses.contains(Status::Busy),
+    ) {
+        (true, false) => Some(Status::Online),
+        (false, true) => Some(Status::Busy),
+        _ => None,
+    }
 }
 
 /// When few drivers have the statuses asked for, reads them all (their seen sets, then their
@@ -324,52 +329,36 @@ async fn few_by_status(
     q: &NearbyQuery,
     prefix: Option<&str>,
 ) -> Result<Option<Vec<NearbyHit>>, RedisLiveError> {
-    let Some(wanted) = narrow(q.statuses) else {
+    let Some(status) = narrow(q.statuses) else {
         return Ok(None);
     };
     let areas = shared
         .areas_for(circle_box(q.lat_e6, q.lon_e6, q.radius_m))
         .await?;
-    let keys: Vec<String> = areas
-        .iter()
-        .flat_map(|area| {
-            let seen = shared.layout.seen_keys(area);
-            wanted.iter().map(move |&s| seen[s as usize].clone())
-        })
-        .collect();
-    let sizes = join_all(keys.iter().map(|key| {
-        let mut conn = shared.conn();
-        async move {
-            redis::cmd("ZCARD")
-                .arg(key)
-                .query_async::<u64>(&mut conn)
-                .await
-        }
-    }))
-    .await;
+    let key = |area: &str| shared.layout.seen_key(area, status);
+    let sizes = per_area(shared, &areas, |area| {
+        let mut cmd = redis::cmd("ZCARD");
+        cmd.arg(key(area));
+        cmd
+    })
+    .await?;
     let mut total = 0;
-    for size in sizes {
-        total += size?;
+    for size in &sizes {
+        total += scripts::int(size)?;
     }
     if total > FEW_BY_STATUS {
         return Ok(None);
     }
-    let members = join_all(keys.iter().map(|key| {
-        let mut conn = shared.conn();
-        async move {
-            redis::cmd("ZRANGE")
-                .arg(key)
-                .arg(0)
-                .arg(-1)
-                .query_async::<Vec<String>>(&mut conn)
-                .await
-        }
-    }))
-    .await;
+    let members = per_area(shared, &areas, |area| {
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(key(area)).arg(0).arg(-1);
+        cmd
+    })
+    .await?;
     let (mut ids, mut seen) = (Vec::new(), HashSet::new());
     for list in members {
-        for id in list? {
-            candidate(&id, prefix, &mut seen, &mut ids);
+        for id in scripts::array(list)? {
+            candidate(scripts::text(&id)?, prefix, &mut seen, &mut ids);
         }
     }
     let mut hits = measure(shared, &Exact::new(q), &ids).await?;
@@ -416,29 +405,24 @@ async fn with_status(
     area_of: &[usize],
     statuses: StatusSet,
 ) -> Result<Vec<DriverId>, RedisLiveError> {
-    let Some(wanted) = narrow(statuses) else {
+    let Some(status) = narrow(statuses) else {
         return Ok(ids);
     };
-    if ids.is_empty() {
-        return Ok(ids);
-    }
     let mut by_area: Vec<Vec<&DriverId>> = vec![Vec::new(); areas.len()];
     for (id, &area) in ids.iter().zip(area_of) {
         by_area[area].push(id);
     }
     let mut checks = Vec::new();
     for (area, members) in areas.iter().zip(&by_area) {
-        for status in &wanted {
-            let key = &shared.layout.seen_keys(area)[*status as usize];
-            for chunk in members.chunks(STATUS_CHECK_CHUNK) {
-                let mut cmd = redis::cmd("ZMSCORE");
-                cmd.arg(key);
-                for id in chunk {
-                    cmd.arg(id.as_str());
-                }
-                let mut conn = shared.conn();
-                checks.push(async move { (chunk, cmd.query_async::<Vec<Value>>(&mut conn).await) });
+        let key = shared.layout.seen_key(area, status);
+        for chunk in members.chunks(STATUS_CHECK_CHUNK) {
+            let mut cmd = redis::cmd("ZMSCORE");
+            cmd.arg(&key);
+            for id in chunk {
+                cmd.arg(id.as_str());
             }
+            let mut conn = shared.conn();
+            checks.push(async move { (chunk, cmd.query_async::<Vec<Value>>(&mut conn).await) });
         }
     }
     let mut kept = Vec::new();
