@@ -16,8 +16,8 @@
 //! record never starts with a zero length), not damage: start-up keeps them.
 //!
 //! New segments are written to `*.wal.tmp`, fsynced and renamed, so a segment file always has a
-//! whole header. A non-last segment was fsynced before its successor was created, so it must be
-//! intact to its last byte and end exactly where the next one starts.
+//! whole header. A non-last segment was fsynced (and its zeros cut off) before its successor was
+//! created, so it must be intact to its last record and end exactly where the next one starts.
 
 use super::codec::{self, varint_len, BATCH_HEADER_LEN};
 use super::{Lsn, WalError};

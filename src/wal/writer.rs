@@ -33,6 +33,7 @@
 
 use super::segment::{self, HEADER_LEN};
 use super::{FsyncPolicy, Lsn, Shared, WalError};
+use parking_lot::MutexGuard;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -181,11 +182,7 @@ pub fn append(shared: &Arc<Shared>, body: &[u8]) -> Result<Answer<Lsn>, WalError
     let first = stage.replies.is_empty();
     let synced = shared.synced.load(Ordering::Acquire);
     stage.push(body, reply, synced, shared.segment_bytes);
-    let start = !std::mem::replace(&mut stage.writer_started, true);
-    drop(stage);
-    if start {
-        tokio::spawn(run(shared.clone()));
-    }
+    start_writer_once(shared, stage);
     if first {
         shared.wake.notify_one();
     }
@@ -204,13 +201,19 @@ pub fn close(shared: &Arc<Shared>) -> Result<Option<Answer<()>>, WalError> {
     let (reply, answer) = oneshot::channel();
     stage.closes.push(reply);
     stage.closing = true;
+    start_writer_once(shared, stage);
+    shared.wake.notify_one();
+    Ok(Some(answer))
+}
+
+/// Releases the stage, first starting the writer task (in the caller's runtime) if this is the
+/// log's first append or close.
+fn start_writer_once(shared: &Arc<Shared>, mut stage: MutexGuard<'_, Stage>) {
     let start = !std::mem::replace(&mut stage.writer_started, true);
     drop(stage);
     if start {
         tokio::spawn(run(shared.clone()));
     }
-    shared.wake.notify_one();
-    Ok(Some(answer))
 }
 
 /// Every handle is gone: no more appends. A running writer drops what is staged (no caller waits
