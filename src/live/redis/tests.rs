@@ -431,8 +431,50 @@ async fn rare_statuses_match_the_embedded_index(target: &RedisTarget) {
     assert!((20..700).contains(&found), "{found} busy drivers");
 }
 
+/// A meta hash in the layout before `fix` (a Redis written by an older build): invisible to reads,
+/// still guarding against older timestamps, and rewritten by the driver's next report.
+async fn legacy_meta_hashes_are_rewritten(target: &RedisTarget) {
+    let live = fresh(target, TTL).await;
+    let key = live.layout().meta_key("old");
+    let (secs, micros): (i64, i64) = redis::cmd("TIME")
+        .query_async(&mut live.conn())
+        .await
+        .unwrap();
+    let seen = secs * 1000 + micros / 1000;
+    let _: Value = redis::cmd("HSET")
+        .arg(&key)
+        .arg(&["ts", &(T0 + 10).to_string(), "seen", &seen.to_string()])
+        .arg(&["status", "online", "indexed", &seen.to_string()])
+        .arg(&["lat", "31230400", "lon", "121473700"])
+        .arg(&["speed", "", "heading", "", "accuracy", ""])
+        .query_async(&mut live.conn())
+        .await
+        .unwrap();
+    assert_eq!(live.get("old").await.unwrap(), None);
+    let older = pos("old", 31_240_000, 121_480_000, Status::Busy, T0 + 5);
+    assert_eq!(live.upsert(&[older]).await.unwrap(), [Upsert::Stale]);
+    let newer = pos("old", 31_240_000, 121_480_000, Status::Busy, T0 + 20);
+    assert_eq!(
+        live.upsert(std::slice::from_ref(&newer)).await.unwrap(),
+        [Upsert::Applied]
+    );
+    assert_eq!(live.get("old").await.unwrap(), Some(newer));
+    let mut fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(&key)
+        .query_async(&mut live.conn())
+        .await
+        .unwrap();
+    fields.sort();
+    let expected: &[&str] = match live.layout() {
+        Layout::Standalone => &["fix", "indexed", "seen", "status", "ts"],
+        Layout::Cluster => &["area", "fix", "indexed", "seen", "status", "ts"],
+    };
+    assert_eq!(fields, expected);
+}
+
 async fn contract(target: &RedisTarget) {
     round_trip_and_stale(target).await;
+    legacy_meta_hashes_are_rewritten(target).await;
     offline_is_kept_but_not_searched(target).await;
     tenant_counts_see_only_the_tenant(target).await;
     queries_match_the_embedded_index(target).await;
