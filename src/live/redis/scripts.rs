@@ -67,14 +67,20 @@ local function newer(meta, ts, ttl)
 end
 -- Collects area writes so that each key gets one multi-member ZADD / ZREM per script call
 -- (a redis.call costs about a microsecond whatever it carries). Later writes of a driver win.
+-- `moved` holds the GEO adds of the common report (same status, seen set fresh, driver not yet
+-- noted in this call) as ready ZADD arguments: they go first, so any later note of the same
+-- driver still wins, and they skip the bookkeeping below.
 local function writes()
-  return {order = {}, geo = {}, status = {}, prev = {}}
+  return {order = {}, geo = {}, status = {}, prev = {}, touch = {}, moved = {}}
+end
+local function moved(w, id, score)
+  local m = w.moved
+  m[#m + 1] = score; m[#m + 1] = id
 end
 local function note(w, id, score, st, pst, keep_seen)
   if w.status[id] == nil then w.order[#w.order + 1] = id end
   if st == 'offline' then w.geo[id] = false else w.geo[id] = score end
   w.status[id] = st
-  w.touch = w.touch or {}
   w.touch[id] = w.touch[id] or not keep_seen
   -- Only a status change leaves something to remove (most reports keep the status: no table).
   if pst and pst ~= '' and pst ~= st then
@@ -87,7 +93,7 @@ local function rostered(id)
   return string.find(id, '/', 1, true) ~= nil
 end
 local function flush(w, geo, seen, roster)
-  local gadd, grem = {}, {}
+  local gadd, grem = w.moved, {}
   local sadd = {online = {}, busy = {}, offline = {}}
   local srem = {online = {}, busy = {}, offline = {}}
   local radd = {online = {}, busy = {}, offline = {}}
@@ -96,13 +102,13 @@ local function flush(w, geo, seen, roster)
     local g = w.geo[id]
     if g then gadd[#gadd + 1] = g; gadd[#gadd + 1] = id else grem[#grem + 1] = id end
     local st = w.status[id]
-    local tenant = rostered(id)
     if w.touch[id] then
       local a = sadd[st]
       a[#a + 1] = now_s; a[#a + 1] = id
-      if tenant then local r = radd[st]; r[#r + 1] = '0'; r[#r + 1] = id end
+      if rostered(id) then local r = radd[st]; r[#r + 1] = '0'; r[#r + 1] = id end
     end
     if w.prev[id] then
+      local tenant = rostered(id)
       for s, _ in pairs(w.prev[id]) do
         if s ~= st and srem[s] then
           local r = srem[s]; r[#r + 1] = id
@@ -156,7 +162,11 @@ for i = 8, #KEYS do
       -- it still outlives the TTL by the grace period minus the refresh interval.
       redis.call('PEXPIRE', meta, keep)
     end
-    note(w, id, ARGV[a + 4], st, cur[3], keep_seen)
+    if keep_seen and st ~= 'offline' and w.status[id] == nil then
+      moved(w, id, ARGV[a + 4])
+    else
+      note(w, id, ARGV[a + 4], st, cur[3], keep_seen)
+    end
     out[#out + 1] = 1
   else
     out[#out + 1] = 0

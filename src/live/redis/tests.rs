@@ -136,6 +136,70 @@ async fn offline_is_kept_but_not_searched(target: &RedisTarget) {
     assert_eq!(live.nearby(&q).await.unwrap().len(), 1);
 }
 
+/// Several reports of one driver in one script call, mixing the common report (same status, only
+/// the GEO member moves) with status changes: the last report wins in every key. The places are
+/// ~19 km apart, so a GEO member left at an earlier one cannot be found from the right one.
+async fn reports_of_one_driver_in_one_call(target: &RedisTarget) {
+    let live = fresh(target, TTL).await;
+    let at = |lon_e6, status, ts| pos("d3", 31_230_400, lon_e6, status, T0 + ts);
+    let near = |lon_e6, statuses| NearbyQuery {
+        lat_e6: 31_230_400,
+        lon_e6,
+        radius_m: 300.0,
+        limit: 10,
+        statuses,
+    };
+    let found = |lon_e6, statuses| {
+        let live = &live;
+        async move { live.nearby(&near(lon_e6, statuses)).await.unwrap().len() }
+    };
+    let counts = || async { live.counts().await.unwrap() };
+    let only = |status| {
+        let mut set = StatusSet::empty();
+        set.insert(status);
+        set
+    };
+    let (a, b, c, d, e, f) = (
+        120_500_000,
+        120_700_000,
+        120_900_000,
+        121_100_000,
+        121_300_000,
+        121_500_000,
+    );
+    live.upsert(&[at(a, Status::Online, 1)]).await.unwrap();
+    // Moves, then goes offline.
+    live.upsert(&[at(b, Status::Online, 2), at(b, Status::Offline, 3)])
+        .await
+        .unwrap();
+    assert_eq!(found(b, StatusSet::WORKING).await, 0);
+    assert_eq!(counts().await.offline, 1);
+    // Back online, then moves again with the same status.
+    live.upsert(&[at(c, Status::Online, 4), at(d, Status::Online, 5)])
+        .await
+        .unwrap();
+    assert_eq!(found(c, StatusSet::WORKING).await, 0);
+    assert_eq!(found(d, StatusSet::WORKING).await, 1);
+    // Moves, turns busy, then online again somewhere else.
+    live.upsert(&[
+        at(e, Status::Online, 6),
+        at(e, Status::Busy, 7),
+        at(f, Status::Online, 8),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(found(e, StatusSet::WORKING).await, 0);
+    assert_eq!(found(f, StatusSet::WORKING).await, 1);
+    assert_eq!(found(f, only(Status::Online)).await, 1);
+    assert_eq!(found(f, only(Status::Busy)).await, 0);
+    let n = counts().await;
+    assert_eq!((n.online, n.busy, n.offline), (1, 0, 0));
+    assert_eq!(
+        live.get("d3").await.unwrap(),
+        Some(at(f, Status::Online, 8))
+    );
+}
+
 /// One tenant's counts: only ids with its prefix (a `*` in it matches only itself), over sets of
 /// thousands of members in several areas, after status changes and moves across areas too.
 async fn tenant_counts_see_only_the_tenant(target: &RedisTarget) {
@@ -476,6 +540,7 @@ async fn contract(target: &RedisTarget) {
     round_trip_and_stale(target).await;
     legacy_meta_hashes_are_rewritten(target).await;
     offline_is_kept_but_not_searched(target).await;
+    reports_of_one_driver_in_one_call(target).await;
     tenant_counts_see_only_the_tenant(target).await;
     queries_match_the_embedded_index(target).await;
     rare_statuses_match_the_embedded_index(target).await;
