@@ -158,9 +158,36 @@ struct Shared {
     syncer: Syncer,
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
+    /// Every inline write counts as slow (tests of the offload).
+    #[cfg(test)]
+    writes_are_slow: std::sync::atomic::AtomicBool,
+    /// Writes go back to the worker right after a slow one (tests of the offload).
+    #[cfg(test)]
+    offload_briefly: std::sync::atomic::AtomicBool,
+    /// Groups written on the blocking pool.
+    #[cfg(test)]
+    pool_writes: AtomicU64,
 }
 
 impl Shared {
+    /// How long an inline write may take before writes move to the blocking pool.
+    fn slow_write(&self) -> std::time::Duration {
+        #[cfg(test)]
+        if self.writes_are_slow.load(Ordering::Relaxed) {
+            return std::time::Duration::ZERO;
+        }
+        writer::SLOW_WRITE
+    }
+
+    /// For how long writes stay on the blocking pool after a slow one.
+    fn offload_for(&self) -> std::time::Duration {
+        #[cfg(test)]
+        if self.offload_briefly.load(Ordering::Relaxed) {
+            return std::time::Duration::ZERO;
+        }
+        writer::OFFLOAD_FOR
+    }
+
     /// `fdatasync`s a segment of this log, counting it.
     fn sync_file(&self, file: &File, path: &Path) -> Result<(), WalError> {
         #[cfg(test)]
@@ -230,6 +257,12 @@ impl Wal {
             syncer,
             #[cfg(test)]
             fail_next_sync: Default::default(),
+            #[cfg(test)]
+            writes_are_slow: Default::default(),
+            #[cfg(test)]
+            offload_briefly: Default::default(),
+            #[cfg(test)]
+            pool_writes: Default::default(),
         });
         shared.syncer.attach(Arc::downgrade(&shared));
         Ok(Wal {
@@ -342,6 +375,30 @@ impl Wal {
             WalError::Closed => Ok(()),
             broken => Err(broken),
         }
+    }
+
+    /// Makes every inline write count as slow, as with a disk far behind.
+    #[cfg(test)]
+    fn make_writes_slow(&self) {
+        self.inner
+            .shared
+            .writes_are_slow
+            .store(true, Ordering::Relaxed);
+    }
+
+    /// Ends an offload to the blocking pool as soon as it starts.
+    #[cfg(test)]
+    fn offload_briefly(&self) {
+        self.inner
+            .shared
+            .offload_briefly
+            .store(true, Ordering::Relaxed);
+    }
+
+    /// Groups written on the blocking pool so far.
+    #[cfg(test)]
+    fn pool_writes(&self) -> u64 {
+        self.inner.shared.pool_writes.load(Ordering::Relaxed)
     }
 
     /// Makes the next fsync fail, as a disk error would.

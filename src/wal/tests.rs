@@ -630,3 +630,24 @@ async fn a_follower_reads_behind_concurrent_writers() {
     assert!(segment_files(dir.path()).len() > 5);
     wal.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_slow_inline_write_moves_writes_to_the_blocking_pool() {
+    // (slow writes, offload ends at once, groups written on the pool): the first group goes to
+    // the pool either way (it writes the zeros ahead), the second is written inline; after it
+    // was slow, the other three go to the pool too, unless the offload is already over.
+    for (slow, brief, pool) in [(false, false, 1), (true, false, 4), (true, true, 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), FsyncPolicy::Always).unwrap();
+        if slow {
+            wal.make_writes_slow();
+        }
+        if brief {
+            wal.offload_briefly();
+        }
+        let written = append_sequentially(&wal, 5, 3).await;
+        assert_eq!(wal.pool_writes(), pool, "slow: {slow}, brief: {brief}");
+        assert_eq!(read_all(&wal, 0), written);
+        wal.close().await.unwrap();
+    }
+}

@@ -18,7 +18,11 @@
 //!
 //! A small write to the page cache takes microseconds, so it runs on the worker; a group past
 //! [`INLINE_WRITE_BYTES`], or one that starts a new segment (an fsync of the old one and a file
-//! creation), is written on the blocking pool instead.
+//! creation), is written on the blocking pool instead. A write to the page cache can still block:
+//! when the disk falls far behind, the kernel throttles writers of dirty pages, and the worker —
+//! with every request it serves — would wait as long. So an inline write that took more than
+//! [`SLOW_WRITE`] sends the writes of the next [`OFFLOAD_FOR`] to the blocking pool (a thread
+//! switch per group, harmless next to a disk that slow), with a warning.
 //!
 //! The writer keeps [`PREALLOCATE_BYTES`] of zeros written ahead of the records, so that a
 //! record overwrites blocks the file already has: its `fdatasync` then flushes the data alone,
@@ -39,6 +43,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 pub type Reply<T> = oneshot::Sender<Result<T, WalError>>;
@@ -53,6 +58,10 @@ pub const INLINE_WRITE_BYTES: usize = 256 << 10;
 /// (`--fsync always`, alternating runs): 0 yields ~35k req/s, 1 ~52k, 2 ~59k, 3 ~57k, 4 ~51k, and
 /// yielding until a round stages nothing more ~50k.
 const LINGER_YIELDS: usize = 2;
+/// An inline write slower than this moves writes to the blocking pool (see the module docs).
+pub const SLOW_WRITE: Duration = Duration::from_millis(2);
+/// For how long, after a slow inline write, groups are written on the blocking pool.
+pub const OFFLOAD_FOR: Duration = Duration::from_secs(10);
 /// Zeros written ahead of the records at a time (see the module docs).
 pub const PREALLOCATE_BYTES: u64 = 1 << 20;
 /// A staging buffer that grew past this is not kept for the next group.
@@ -227,6 +236,7 @@ pub fn release(shared: &Shared) {
 /// The writer task: take a group, write it, hand it on; until the log closes or breaks.
 async fn run(shared: Arc<Shared>) {
     let mut spare = Vec::new();
+    let mut offload = Offload::default();
     loop {
         shared.wake.notified().await;
         for _ in 0..LINGER_YIELDS {
@@ -252,7 +262,7 @@ async fn run(shared: Arc<Shared>) {
             closing,
             ..
         } = group;
-        let (written, mut buf) = write_group(&shared, buf, breaks).await;
+        let (written, mut buf) = write_group(&shared, buf, breaks, &mut offload).await;
         buf.clear();
         if buf.capacity() <= KEEP_BUFFER_BYTES {
             spare = buf;
@@ -276,19 +286,58 @@ async fn run(shared: Arc<Shared>) {
     }
 }
 
-/// Writes a group: on this worker when small, else on the blocking pool.
+/// Until when groups go to the blocking pool because an inline write was slow.
+#[derive(Default)]
+struct Offload {
+    until: Option<Instant>,
+}
+
+impl Offload {
+    fn active(&mut self) -> bool {
+        match self.until {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                self.until = None;
+                tracing::info!("write-ahead log: writing on the request worker again");
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn took(&mut self, shared: &Shared, elapsed: Duration) {
+        if elapsed > shared.slow_write() {
+            self.until = Some(Instant::now() + shared.offload_for());
+            tracing::warn!(
+                took_ms = elapsed.as_secs_f64() * 1e3,
+                "write-ahead log: a write to the page cache blocked the request worker (the disk \
+                 is falling behind); writing on the blocking pool for {} s",
+                OFFLOAD_FOR.as_secs()
+            );
+        }
+    }
+}
+
+/// Writes a group: on this worker when small (and recent inline writes were quick), else on the
+/// blocking pool.
 async fn write_group(
     shared: &Arc<Shared>,
     buf: Vec<u8>,
     breaks: Vec<(usize, Lsn)>,
+    offload: &mut Offload,
 ) -> (Result<(), WalError>, Vec<u8>) {
     let inline = breaks.is_empty()
         && buf.len() <= INLINE_WRITE_BYTES
-        && !shared.active.lock().needs_room(buf.len());
+        && !shared.active.lock().needs_room(buf.len())
+        && !offload.active();
     if inline {
+        let started = Instant::now();
         let result = write(shared, &buf, &breaks);
+        offload.took(shared, started.elapsed());
         return (result, buf);
     }
+    #[cfg(test)]
+    shared.pool_writes.fetch_add(1, Ordering::Relaxed);
     let for_pool = shared.clone();
     let job = tokio::task::spawn_blocking(move || {
         let result = write(&for_pool, &buf, &breaks);
