@@ -55,14 +55,15 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- `now` as the string every write carries: Lua would otherwise format the number anew (a
 -- printf) for each argument it is passed as.
 local now_s = string.format('%d', now)
--- The state in a meta hash, or nothing when the position is stale against it.
-local function newer(meta, ts, ttl)
-  local cur = redis.call('HMGET', meta, 'ts', 'seen', 'status', 'area', 'indexed', 'lat')
+-- The state in a meta hash (ts, seen, status, then the field `extra` names: `indexed` on one
+-- server, `area` in a cluster), or nothing when the position is stale against it.
+local function newer(meta, ts, ttl, extra)
+  local cur = redis.call('HMGET', meta, 'ts', 'seen', 'status', extra, 'lat')
   if cur[1] and cur[2] and now - tonumber(cur[2]) < ttl and tonumber(ts) < tonumber(cur[1]) then
     return nil
   end
   -- A hash written before positions were packed into `fix` loses its old fields (once).
-  if cur[6] then redis.call('HDEL', meta, 'lat', 'lon', 'speed', 'heading', 'accuracy') end
+  if cur[5] then redis.call('HDEL', meta, 'lat', 'lon', 'speed', 'heading', 'accuracy') end
   return cur
 end
 -- Collects area writes so that each key gets one multi-member ZADD / ZREM per script call
@@ -147,11 +148,11 @@ for i = 8, #KEYS do
   local meta = KEYS[i]
   local a = 4 + (i - 8) * 5
   local id, ts, st = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  local cur = newer(meta, ts, ttl)
+  local cur = newer(meta, ts, ttl, 'indexed')
   if cur then
     -- The seen set is refreshed only every `refresh` ms while the status stays the same: its
     -- score lags the truth by less than that, which the sweep allows for.
-    local keep_seen = cur[3] == st and cur[5] and now - tonumber(cur[5]) < refresh
+    local keep_seen = cur[3] == st and cur[4] and now - tonumber(cur[4]) < refresh
     if keep_seen then
       -- Status and `indexed` stay: only what changes with every report is written.
       redis.call('HSET', meta, 'ts', ts, 'seen', now_s, 'fix', ARGV[a + 3])
@@ -186,7 +187,7 @@ for i = 1, #KEYS do
   local meta = KEYS[i]
   local a = 3 + (i - 1) * 6
   local ts = ARGV[a + 1]
-  local cur = newer(meta, ts, ttl)
+  local cur = newer(meta, ts, ttl, 'area')
   if cur then
     redis.call('HSET', meta, 'ts', ts, 'seen', now_s, 'status', ARGV[a + 2], 'fix', ARGV[a + 3],
       'area', ARGV[a + 5])
