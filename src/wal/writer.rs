@@ -307,12 +307,13 @@ impl Offload {
 
     fn took(&mut self, shared: &Shared, elapsed: Duration) {
         if elapsed > shared.slow_write() {
-            self.until = Some(Instant::now() + shared.offload_for());
+            let offload_for = shared.offload_for();
+            self.until = Some(Instant::now() + offload_for);
             tracing::warn!(
                 took_ms = elapsed.as_secs_f64() * 1e3,
                 "write-ahead log: a write to the page cache blocked the request worker (the disk \
                  is falling behind); writing on the blocking pool for {} s",
-                OFFLOAD_FOR.as_secs()
+                offload_for.as_secs()
             );
         }
     }

@@ -39,9 +39,13 @@
 //! per key; GEO members are written with `ZADD` and a score computed by the instance
 //! ([`geo_score`], Redis' own 52-bit geohash), which is what `GEOADD` does minus its parsing: the
 //! per-position cost inside Redis is then the meta hash (HMGET, HSET, PEXPIRE) and a share of
-//! the set writes. The position itself travels and is stored as one `fix` field
-//! ([`super::meta::fix`]): each argument is a Lua string and each hash field a listpack search, so
-//! five numbers in one field cost about a third less per position than five fields did. Every write to a seen set is mirrored to the roster of the same status for
+//! the set writes. Most of that is Lua, not the commands: every argument and reply element is
+//! turned into a Lua string and back. So the position travels and is stored as one `fix` field
+//! ([`super::meta::fix`]) rather than five, a report that keeps its status writes only what
+//! changed (`ts`, `seen`, `fix`), and its GEO member goes straight into the `ZADD`'s arguments:
+//! together ~25% less Redis CPU per position (BENCHMARKS.md, issue 5 section 3).
+//!
+//! Every write to a seen set is mirrored to the roster of the same status for
 //! tenants' drivers (ids with a `/`), so the two hold the same tenant members ([`super::keys`]).
 
 use super::RedisLiveError;
