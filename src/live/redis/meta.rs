@@ -68,8 +68,9 @@ pub fn time_ms(v: &Value) -> Result<i64, RedisLiveError> {
     }
 }
 
-/// One `HMGET` of [`FIELDS`]: `None` when the hash is absent (or incomplete), or expired (`seen` a
-/// TTL or more before `now_ms`) unless `raw`; else whether it is fresh and the position.
+/// One `HMGET` of [`FIELDS`]: `None` when the hash is absent (or incomplete: a hash of the layout
+/// before `fix`, see [`super::keys`]), or expired (`seen` a TTL or more before `now_ms`) unless
+/// `raw`; else whether it is fresh and the position.
 pub fn parse(
     driver_id: &str,
     v: &Value,
