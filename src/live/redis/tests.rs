@@ -136,6 +136,13 @@ async fn offline_is_kept_but_not_searched(target: &RedisTarget) {
     assert_eq!(live.nearby(&q).await.unwrap().len(), 1);
 }
 
+/// The filter of one status.
+fn only(status: Status) -> StatusSet {
+    let mut set = StatusSet::empty();
+    set.insert(status);
+    set
+}
+
 /// Several reports of one driver in one script call, mixing the common report (same status, only
 /// the GEO member moves) with status changes: the last report wins in every key. The places are
 /// ~19 km apart, so a GEO member left at an earlier one cannot be found from the right one.
@@ -154,11 +161,6 @@ async fn reports_of_one_driver_in_one_call(target: &RedisTarget) {
         async move { live.nearby(&near(lon_e6, statuses)).await.unwrap().len() }
     };
     let counts = || async { live.counts().await.unwrap() };
-    let only = |status| {
-        let mut set = StatusSet::empty();
-        set.insert(status);
-        set
-    };
     let (a, b, c, d, e, f) = (
         120_500_000,
         120_700_000,
@@ -468,8 +470,7 @@ async fn rare_statuses_match_the_embedded_index(target: &RedisTarget) {
             memory.upsert(p, now);
         }
     }
-    let mut busy = StatusSet::empty();
-    busy.insert(Status::Busy);
+    let busy = only(Status::Busy);
     for round in 0..20 {
         let q = NearbyQuery {
             lat_e6: 31_230_000 + rng.random_range(-100_000..100_000),
@@ -500,11 +501,11 @@ async fn rare_statuses_match_the_embedded_index(target: &RedisTarget) {
 async fn legacy_meta_hashes_are_rewritten(target: &RedisTarget) {
     let live = fresh(target, TTL).await;
     let key = live.layout().meta_key("old");
-    let (secs, micros): (i64, i64) = redis::cmd("TIME")
+    let time: Value = redis::cmd("TIME")
         .query_async(&mut live.conn())
         .await
         .unwrap();
-    let seen = secs * 1000 + micros / 1000;
+    let seen = meta::time_ms(&time).unwrap();
     let _: Value = redis::cmd("HSET")
         .arg(&key)
         .arg(&["ts", &(T0 + 10).to_string(), "seen", &seen.to_string()])
