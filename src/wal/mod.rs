@@ -171,19 +171,19 @@ struct Shared {
 
 impl Shared {
     /// How long an inline write may take before writes move to the blocking pool.
-    fn slow_write(&self) -> std::time::Duration {
+    fn slow_write(&self) -> Duration {
         #[cfg(test)]
         if self.writes_are_slow.load(Ordering::Relaxed) {
-            return std::time::Duration::ZERO;
+            return Duration::ZERO;
         }
         writer::SLOW_WRITE
     }
 
     /// For how long writes stay on the blocking pool after a slow one.
-    fn offload_for(&self) -> std::time::Duration {
+    fn offload_for(&self) -> Duration {
         #[cfg(test)]
         if self.offload_briefly.load(Ordering::Relaxed) {
-            return std::time::Duration::ZERO;
+            return Duration::ZERO;
         }
         writer::OFFLOAD_FOR
     }

@@ -5,9 +5,10 @@
 //! awaits its answer. The first append of a group wakes the writer task, which yields
 //! [`LINGER_YIELDS`] times, so that the requests already runnable on this worker, and those whose
 //! bytes arrive meanwhile, stage their records too (a tokio yield lets the worker poll its sockets
-//! before the task runs again); it then takes the whole group and writes it with one `write`. Under `FsyncPolicy::Always` the group then goes to the
-//! [`super::syncer`] thread, which answers it after the fsync that covers it, while the next
-//! group is already being staged and written; under `Interval` the writer answers at once.
+//! before the task runs again); it then takes the whole group and writes it with one `write`.
+//! Under `FsyncPolicy::Always` the group then goes to the [`super::syncer`] thread, which answers
+//! it after the fsync that covers it, while the next group is already being staged and written;
+//! under `Interval` the writer answers at once.
 //!
 //! Why a task and not a writer thread (the first design): with the server on one core, every
 //! append made the request worker and a writer thread take turns — the worker ran out of work,
@@ -472,9 +473,10 @@ async fn finish(shared: Arc<Shared>) {
     let closed = !shared.stage.lock().closes.is_empty();
     let for_pool = shared.clone();
     let stopped = tokio::task::spawn_blocking(move || {
-        let trimmed = match closed {
-            true => trim(&for_pool, &mut for_pool.active.lock()).map_err(|e| e.to_string()),
-            false => Ok(()),
+        let trimmed = if closed {
+            trim(&for_pool, &mut for_pool.active.lock()).map_err(|e| e.to_string())
+        } else {
+            Ok(())
         };
         let stopped = for_pool.syncer.stop();
         trimmed.and(stopped)
