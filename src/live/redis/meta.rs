@@ -24,11 +24,13 @@ pub fn push_args(cmd: &mut Cmd, p: &Position) {
 /// empty when unknown). One field instead of five: every field costs the scripts a listpack
 /// search and a Lua string per position (BENCHMARKS.md, issue 5 section 3).
 pub fn fix(p: &Position) -> String {
+    use std::fmt::Write;
     let mut out = format!("{},{}", p.lat_e6, p.lon_e6);
     for v in [p.speed_mps, p.heading_deg, p.accuracy_m] {
         out.push(',');
         if let Some(v) = v {
-            out.push_str(&v.to_string());
+            // Into the same buffer: this runs for every position of every batch.
+            let _ = write!(out, "{v}");
         }
     }
     out
