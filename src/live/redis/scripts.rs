@@ -54,7 +54,9 @@ use redis::{Cmd, ErrorKind, Script, ServerErrorKind, Value};
 use std::sync::LazyLock;
 
 const PRELUDE: &str = r#"
-local t = redis.call('TIME')
+-- Globals as locals: a global is a table lookup on every use, and the loops below run per position.
+local call, tonumber, KEYS, ARGV = redis.call, tonumber, KEYS, ARGV
+local t = call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- `now` as the string every write carries: Lua would otherwise format the number anew (a
 -- printf) for each argument it is passed as.
@@ -62,25 +64,23 @@ local now_s = string.format('%d', now)
 -- The state in a meta hash (ts, seen, status, then the field `extra` names: `indexed` on one
 -- server, `area` in a cluster), or nothing when the position is stale against it.
 local function newer(meta, ts, ttl, extra)
-  local cur = redis.call('HMGET', meta, 'ts', 'seen', 'status', extra, 'lat')
-  if cur[1] and cur[2] and now - tonumber(cur[2]) < ttl and tonumber(ts) < tonumber(cur[1]) then
+  local cur = call('HMGET', meta, 'ts', 'seen', 'status', extra, 'lat')
+  -- Arithmetic converts a numeric string once (`tonumber` parses it twice), and the timestamps
+  -- go first: a report is almost always newer, which skips parsing `seen`.
+  if cur[1] and cur[2] and ts - cur[1] < 0 and now - cur[2] < ttl then
     return nil
   end
   -- A hash written before positions were packed into `fix` loses its old fields (once).
-  if cur[5] then redis.call('HDEL', meta, 'lat', 'lon', 'speed', 'heading', 'accuracy') end
+  if cur[5] then call('HDEL', meta, 'lat', 'lon', 'speed', 'heading', 'accuracy') end
   return cur
 end
 -- Collects area writes so that each key gets one multi-member ZADD / ZREM per script call
 -- (a redis.call costs about a microsecond whatever it carries). Later writes of a driver win.
 -- `moved` holds the GEO adds of the common report (same status, seen set fresh, driver not yet
--- noted in this call) as ready ZADD arguments: they go first, so any later note of the same
--- driver still wins, and they skip the bookkeeping below.
+-- noted in this call) as ready ZADD arguments, appended by the caller: they go first, so any
+-- later note of the same driver still wins, and they skip the bookkeeping below.
 local function writes()
   return {order = {}, geo = {}, status = {}, prev = {}, touch = {}, moved = {}}
-end
-local function moved(w, id, score)
-  local m = w.moved
-  m[#m + 1] = score; m[#m + 1] = id
 end
 local function note(w, id, score, st, pst, keep_seen)
   if w.status[id] == nil then w.order[#w.order + 1] = id end
@@ -122,13 +122,13 @@ local function flush(w, geo, seen, roster)
       end
     end
   end
-  if #gadd > 0 then redis.call('ZADD', geo, unpack(gadd)) end
-  if #grem > 0 then redis.call('ZREM', geo, unpack(grem)) end
+  if #gadd > 0 then call('ZADD', geo, unpack(gadd)) end
+  if #grem > 0 then call('ZREM', geo, unpack(grem)) end
   for s, key in pairs(seen) do
-    if #srem[s] > 0 then redis.call('ZREM', key, unpack(srem[s])) end
-    if #sadd[s] > 0 then redis.call('ZADD', key, unpack(sadd[s])) end
-    if #rrem[s] > 0 then redis.call('ZREM', roster[s], unpack(rrem[s])) end
-    if #radd[s] > 0 then redis.call('ZADD', roster[s], unpack(radd[s])) end
+    if #srem[s] > 0 then call('ZREM', key, unpack(srem[s])) end
+    if #sadd[s] > 0 then call('ZADD', key, unpack(sadd[s])) end
+    if #rrem[s] > 0 then call('ZREM', roster[s], unpack(rrem[s])) end
+    if #radd[s] > 0 then call('ZADD', roster[s], unpack(radd[s])) end
   end
 end
 -- The seen sets and rosters of the area whose keys start at KEYS[k + 1] (geo, 3 seen, 3 rosters).
@@ -143,11 +143,13 @@ end
 /// Standalone upsert: KEYS = geo, seen online/busy/offline, rosters online/busy/offline, then one
 /// meta hash per position;
 /// ARGV = ttl ms, meta expiry ms, seen refresh ms, then 5 per position (id ts status fix geo-score,
-/// see [`super::meta::push_args`]). Returns 1 (applied) or 0 (stale) per position.
+/// see [`super::meta::push_args`]). Returns the (1-based) numbers of the stale positions, usually
+/// none (one reply element per position costs Redis a conversion each).
 const UPSERT_BODY: &str = r#"
 local ttl, keep, refresh = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local w = writes()
-local out = {}
+local moved, m = w.moved, 0
+local stale = {}
 for i = 8, #KEYS do
   local meta = KEYS[i]
   local a = 4 + (i - 8) * 5
@@ -156,29 +158,28 @@ for i = 8, #KEYS do
   if cur then
     -- The seen set is refreshed only every `refresh` ms while the status stays the same: its
     -- score lags the truth by less than that, which the sweep allows for.
-    local keep_seen = cur[3] == st and cur[4] and now - tonumber(cur[4]) < refresh
+    local keep_seen = cur[3] == st and cur[4] and now - cur[4] < refresh
     if keep_seen then
       -- Status and `indexed` stay: only what changes with every report is written.
-      redis.call('HSET', meta, 'ts', ts, 'seen', now_s, 'fix', ARGV[a + 3])
+      call('HSET', meta, 'ts', ts, 'seen', now_s, 'fix', ARGV[a + 3])
     else
-      redis.call('HSET', meta, 'ts', ts, 'seen', now_s, 'status', st, 'indexed', now_s,
+      call('HSET', meta, 'ts', ts, 'seen', now_s, 'status', st, 'indexed', now_s,
         'fix', ARGV[a + 3])
       -- Same lag for the hash's expiry: it is pushed out whenever the seen set is refreshed, so
       -- it still outlives the TTL by the grace period minus the refresh interval.
-      redis.call('PEXPIRE', meta, keep)
+      call('PEXPIRE', meta, keep)
     end
     if keep_seen and st ~= 'offline' and w.status[id] == nil then
-      moved(w, id, ARGV[a + 4])
+      moved[m + 1] = ARGV[a + 4]; moved[m + 2] = id; m = m + 2
     else
       note(w, id, ARGV[a + 4], st, cur[3], keep_seen)
     end
-    out[#out + 1] = 1
   else
-    out[#out + 1] = 0
+    stale[#stale + 1] = i - 7
   end
 end
 flush(w, KEYS[1], seen_of(0), roster_of(0))
-return out
+return stale
 "#;
 
 /// Cluster step 1, on one slot's meta hashes: KEYS = meta hashes; ARGV = ttl ms, meta expiry ms,
@@ -193,9 +194,9 @@ for i = 1, #KEYS do
   local ts = ARGV[a + 1]
   local cur = newer(meta, ts, ttl, 'area')
   if cur then
-    redis.call('HSET', meta, 'ts', ts, 'seen', now_s, 'status', ARGV[a + 2], 'fix', ARGV[a + 3],
+    call('HSET', meta, 'ts', ts, 'seen', now_s, 'status', ARGV[a + 2], 'fix', ARGV[a + 3],
       'area', ARGV[a + 5])
-    redis.call('PEXPIRE', meta, keep)
+    call('PEXPIRE', meta, keep)
     out[#out + 1] = 1
     out[#out + 1] = cur[4] or ''
     out[#out + 1] = cur[3] or ''
@@ -221,7 +222,7 @@ for a = 1, #ARGV, 5 do
   if st == 'del' then
     -- Open-mode ids are in no roster: they skip the three calls.
     local last = rostered(id) and 7 or 4
-    for s = 1, last do redis.call('ZREM', KEYS[k + s], id) end
+    for s = 1, last do call('ZREM', KEYS[k + s], id) end
   else
     areas[g] = areas[g] or writes()
     if pst == '*' then
@@ -248,20 +249,20 @@ local cutoff = now - ttl
 local names = {'online', 'busy', 'offline'}
 local out = {0}
 for s = 1, 3 do
-  local ids = redis.call('ZRANGE', KEYS[1 + s], '-inf', cutoff, 'BYSCORE', 'LIMIT', 0, limit)
+  local ids = call('ZRANGE', KEYS[1 + s], '-inf', cutoff, 'BYSCORE', 'LIMIT', 0, limit)
   if #ids >= limit then out[1] = 1 end
   for _, id in ipairs(ids) do
-    redis.call('ZREM', KEYS[1 + s], id)
-    if rostered(id) then redis.call('ZREM', KEYS[4 + s], id) end
+    call('ZREM', KEYS[1 + s], id)
+    if rostered(id) then call('ZREM', KEYS[4 + s], id) end
     local live = false
     for o = 1, 3 do
       if o ~= s then
-        local score = redis.call('ZSCORE', KEYS[1 + o], id)
+        local score = call('ZSCORE', KEYS[1 + o], id)
         if score and tonumber(score) > cutoff then live = true end
       end
     end
     if not live then
-      redis.call('ZREM', KEYS[1], id)
+      call('ZREM', KEYS[1], id)
       out[#out + 1] = id
       out[#out + 1] = names[s]
     end

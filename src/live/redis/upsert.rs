@@ -64,18 +64,24 @@ impl Shared {
                 meta::push_args(&mut cmd, p);
             }
             let mut conn = self.conn();
-            async move { scripts::run(&mut conn, &scripts::UPSERT, &cmd).await }
+            async move {
+                let reply = scripts::run(&mut conn, &scripts::UPSERT, &cmd).await;
+                (chunk.len(), reply)
+            }
         });
         let mut out = Vec::with_capacity(batch.len());
-        for reply in join_all(calls).await {
+        for (len, reply) in join_all(calls).await {
+            let start = out.len();
+            out.resize(start + len, Upsert::Applied);
             for v in scripts::array(reply?)? {
-                out.push(applied(scripts::int(&v)? == 1));
+                // The script numbers the stale positions of its chunk from 1.
+                let stale = usize::try_from(scripts::int(&v)?)
+                    .ok()
+                    .and_then(|n| n.checked_sub(1))
+                    .filter(|&n| n < len)
+                    .ok_or_else(|| RedisLiveError::Reply("stale position out of range".into()))?;
+                out[start + stale] = Upsert::Stale;
             }
-        }
-        if out.len() != batch.len() {
-            return Err(RedisLiveError::Reply(
-                "upsert reply of the wrong length".into(),
-            ));
         }
         Ok(out)
     }
