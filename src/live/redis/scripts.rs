@@ -61,17 +61,18 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- `now` as the string every write carries: Lua would otherwise format the number anew (a
 -- printf) for each argument it is passed as.
 local now_s = string.format('%d', now)
--- The state in a meta hash (ts, seen, status, then the field `extra` names: `indexed` on one
--- server, `area` in a cluster), or nothing when the position is stale against it.
+-- The state in a meta hash (ts, status, then the field `extra` names: `indexed` on one server,
+-- `area` in a cluster), or nothing when the position is stale against it.
 local function newer(meta, ts, ttl, extra)
-  local cur = call('HMGET', meta, 'ts', 'seen', 'status', extra, 'lat')
-  -- Arithmetic converts a numeric string once (`tonumber` parses it twice), and the timestamps
-  -- go first: a report is almost always newer, which skips parsing `seen`.
-  if cur[1] and cur[2] and ts - cur[1] < 0 and now - cur[2] < ttl then
-    return nil
+  local cur = call('HMGET', meta, 'ts', 'status', extra, 'lat')
+  -- Arithmetic converts a numeric string once (`tonumber` parses it twice). A report is almost
+  -- always newer, so `seen` (is the older state still live?) is read only when it is not.
+  if cur[1] and ts - cur[1] < 0 then
+    local seen = call('HGET', meta, 'seen')
+    if seen and now - seen < ttl then return nil end
   end
   -- A hash written before positions were packed into `fix` loses its old fields (once).
-  if cur[5] then call('HDEL', meta, 'lat', 'lon', 'speed', 'heading', 'accuracy') end
+  if cur[4] then call('HDEL', meta, 'lat', 'lon', 'speed', 'heading', 'accuracy') end
   return cur
 end
 -- Collects area writes so that each key gets one multi-member ZADD / ZREM per script call
@@ -158,7 +159,7 @@ for i = 8, #KEYS do
   if cur then
     -- The seen set is refreshed only every `refresh` ms while the status stays the same: its
     -- score lags the truth by less than that, which the sweep allows for.
-    local keep_seen = cur[3] == st and cur[4] and now - cur[4] < refresh
+    local keep_seen = cur[2] == st and cur[3] and now - cur[3] < refresh
     if keep_seen then
       -- Status and `indexed` stay: only what changes with every report is written.
       call('HSET', meta, 'ts', ts, 'seen', now_s, 'fix', ARGV[a + 3])
@@ -172,7 +173,7 @@ for i = 8, #KEYS do
     if keep_seen and st ~= 'offline' and w.status[id] == nil then
       moved[m + 1] = ARGV[a + 4]; moved[m + 2] = id; m = m + 2
     else
-      note(w, id, ARGV[a + 4], st, cur[3], keep_seen)
+      note(w, id, ARGV[a + 4], st, cur[2], keep_seen)
     end
   else
     stale[#stale + 1] = i - 7
@@ -198,8 +199,8 @@ for i = 1, #KEYS do
       'area', ARGV[a + 5])
     call('PEXPIRE', meta, keep)
     out[#out + 1] = 1
-    out[#out + 1] = cur[4] or ''
     out[#out + 1] = cur[3] or ''
+    out[#out + 1] = cur[2] or ''
   else
     out[#out + 1] = 0
     out[#out + 1] = ''
