@@ -101,6 +101,72 @@ async fn round_trip_and_stale(target: &RedisTarget) {
     assert_eq!(other.get("racer").await.unwrap().unwrap().timestamp, max);
 }
 
+/// Batches larger than a script call, sent concurrently through one instance (several flushes in
+/// flight on one server): every driver ends at its newest position, and each request gets its own
+/// results (a driver's newest position is never answered stale).
+async fn concurrent_batches_keep_the_newest(target: &RedisTarget) {
+    const DRIVERS: i64 = 100;
+    let live = fresh(target, TTL).await;
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut timestamps: Vec<i64> = (0..8 * 600).map(|i| T0 + 1000 + i).collect();
+    for i in (1..timestamps.len()).rev() {
+        timestamps.swap(i, rng.random_range(0..=i));
+    }
+    let batches: Vec<Vec<Position>> = timestamps
+        .chunks(600)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(|&ts| {
+                    let lat = 31_200_000 + (ts % 7) as i32 * 40_000;
+                    pos(
+                        &format!("b{}", ts % DRIVERS),
+                        lat,
+                        121_473_700,
+                        Status::Online,
+                        ts,
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let newest = |id: &str| {
+        timestamps
+            .iter()
+            .filter(|&&ts| format!("b{}", ts % DRIVERS) == id)
+            .max()
+            .copied()
+    };
+    let tasks: Vec<_> = batches
+        .iter()
+        .cloned()
+        .map(|batch| {
+            let store = live.clone();
+            tokio::spawn(async move { store.upsert(&batch).await })
+        })
+        .collect();
+    for (batch, task) in batches.iter().zip(tasks) {
+        let results = task.await.unwrap().unwrap();
+        assert_eq!(results.len(), batch.len());
+        for (p, r) in batch.iter().zip(results) {
+            if Some(p.timestamp) == newest(p.driver_id.as_str()) {
+                assert_eq!(
+                    r,
+                    Upsert::Applied,
+                    "{} at {}",
+                    p.driver_id.as_str(),
+                    p.timestamp
+                );
+            }
+        }
+    }
+    for d in 0..DRIVERS {
+        let id = format!("b{d}");
+        let got = live.get(&id).await.unwrap().unwrap();
+        assert_eq!(Some(got.timestamp), newest(&id));
+    }
+}
+
 async fn offline_is_kept_but_not_searched(target: &RedisTarget) {
     let live = fresh(target, TTL).await;
     let on = pos("d2", 31_230_400, 121_473_700, Status::Online, T0);
@@ -539,6 +605,7 @@ async fn legacy_meta_hashes_are_rewritten(target: &RedisTarget) {
 
 async fn contract(target: &RedisTarget) {
     round_trip_and_stale(target).await;
+    concurrent_batches_keep_the_newest(target).await;
     legacy_meta_hashes_are_rewritten(target).await;
     offline_is_kept_but_not_searched(target).await;
     reports_of_one_driver_in_one_call(target).await;
