@@ -27,13 +27,14 @@
 //!   undercounts tenants until each driver's seen entry is next refreshed (within
 //!   [`super::seen_refresh`]) or swept.
 //! - **Meta hash** `driver:<id>:meta`: `ts` (position timestamp, µs), `seen` (server time of the
-//!   report, ms), `status`, `indexed` (when the seen set was last refreshed, see the `expiry`
-//!   module), `fix` (`lat,lon,speed,heading,accuracy`: micro-degrees, exact — GEO coordinates are
-//!   quantized to about 0.5 m — then the measurements, empty when unknown; one field rather than
-//!   five because every field costs the upsert script a listpack search per position) and, in a
-//!   cluster, `area`. A hash written by a build before `fix` existed has `lat`/`lon`/`speed`/
-//!   `heading`/`accuracy` instead: readers treat it as absent until the driver's next report,
-//!   which deletes those fields and writes `fix` (the compare-and-set still sees its `ts`). It is
+//!   report, ms), `status`, on one server `refreshed` (when the seen set was last refreshed, see
+//!   the `expiry` module), `fix` (`lat,lon,speed,heading,accuracy`: micro-degrees, exact — GEO
+//!   coordinates are quantized to about 0.5 m — then the measurements, empty when unknown; one
+//!   field rather than five because every field costs the upsert script a listpack search per
+//!   position) and, in a cluster, `area`. Hashes written by older builds have `lat`/`lon`/
+//!   `speed`/`heading`/`accuracy` instead of `fix` (readers treat them as absent until the
+//!   driver's next report) or `indexed` instead of `refreshed`; the next report deletes those
+//!   fields and writes the current ones (the compare-and-set still sees the old `ts`). It is
 //!   the truth: `get` reads it, and nearby/box answers are confirmed against it. It expires
 //!   ([`super::META_GRACE`]) a while after the driver TTL so the expiry sweep can still read the
 //!   last position to announce it; readers treat it as gone once `seen` is older than the TTL.

@@ -61,19 +61,22 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- `now` as the string every write carries: Lua would otherwise format the number anew (a
 -- printf) for each argument it is passed as.
 local now_s = string.format('%d', now)
--- The state in a meta hash (ts, status, then the field `extra` names: `indexed` on one server,
--- `area` in a cluster), or nothing when the position is stale against it.
-local function newer(meta, ts, ttl, extra)
-  local cur = call('HMGET', meta, 'ts', 'status', extra, 'lat')
+-- The state in a meta hash (ts, status, then the fields named after `ttl`), or nothing when the
+-- position is stale against it.
+local function newer(meta, ts, ttl, ...)
+  local cur = call('HMGET', meta, 'ts', 'status', ...)
   -- Arithmetic converts a numeric string once (`tonumber` parses it twice). A report is almost
   -- always newer, so `seen` (is the older state still live?) is read only when it is not.
   if cur[1] and ts - cur[1] < 0 then
     local seen = call('HGET', meta, 'seen')
     if seen and now - seen < ttl then return nil end
   end
-  -- A hash written before positions were packed into `fix` loses its old fields (once).
-  if cur[4] then call('HDEL', meta, 'lat', 'lon', 'speed', 'heading', 'accuracy') end
   return cur
+end
+-- The fields older layouts had and this one does not (the position before it was packed into
+-- `fix`, and `indexed`, the single-server refresh time before it was renamed `refreshed`).
+local function drop_old_fields(meta)
+  call('HDEL', meta, 'lat', 'lon', 'speed', 'heading', 'accuracy', 'indexed')
 end
 -- Collects area writes so that each key gets one multi-member ZADD / ZREM per script call
 -- (a redis.call costs about a microsecond whatever it carries). Later writes of a driver win.
@@ -155,20 +158,22 @@ for i = 8, #KEYS do
   local meta = KEYS[i]
   local a = 4 + (i - 8) * 5
   local id, ts, st = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  local cur = newer(meta, ts, ttl, 'indexed')
+  local cur = newer(meta, ts, ttl, 'refreshed')
   if cur then
     -- The seen set is refreshed only every `refresh` ms while the status stays the same: its
     -- score lags the truth by less than that, which the sweep allows for.
     local keep_seen = cur[2] == st and cur[3] and now - cur[3] < refresh
     if keep_seen then
-      -- Status and `indexed` stay: only what changes with every report is written.
+      -- Status and `refreshed` stay: only what changes with every report is written.
       call('HSET', meta, 'ts', ts, 'seen', now_s, 'fix', ARGV[a + 3])
     else
-      call('HSET', meta, 'ts', ts, 'seen', now_s, 'status', st, 'indexed', now_s,
+      call('HSET', meta, 'ts', ts, 'seen', now_s, 'status', st, 'refreshed', now_s,
         'fix', ARGV[a + 3])
       -- Same lag for the hash's expiry: it is pushed out whenever the seen set is refreshed, so
       -- it still outlives the TTL by the grace period minus the refresh interval.
       call('PEXPIRE', meta, keep)
+      -- A hash without `refreshed` was written by an older build: its old fields go (once).
+      if cur[1] and not cur[3] then drop_old_fields(meta) end
     end
     if keep_seen and st ~= 'offline' and w.status[id] == nil then
       moved[m + 1] = ARGV[a + 4]; moved[m + 2] = id; m = m + 2
@@ -193,8 +198,10 @@ for i = 1, #KEYS do
   local meta = KEYS[i]
   local a = 3 + (i - 1) * 6
   local ts = ARGV[a + 1]
-  local cur = newer(meta, ts, ttl, 'area')
+  local cur = newer(meta, ts, ttl, 'area', 'lat')
   if cur then
+    -- Every cluster report rewrites the whole state, so an older layout shows by its fields.
+    if cur[4] then drop_old_fields(meta) end
     call('HSET', meta, 'ts', ts, 'seen', now_s, 'status', ARGV[a + 2], 'fix', ARGV[a + 3],
       'area', ARGV[a + 5])
     call('PEXPIRE', meta, keep)

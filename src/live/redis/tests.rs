@@ -562,45 +562,72 @@ async fn rare_statuses_match_the_embedded_index(target: &RedisTarget) {
     assert!((20..700).contains(&found), "{found} busy drivers");
 }
 
-/// A meta hash in the layout before `fix` (a Redis written by an older build): invisible to reads,
-/// still guarding against older timestamps, and rewritten by the driver's next report.
+/// Meta hashes in older layouts (a Redis written by an older build) still guard against older
+/// timestamps and are rewritten by the driver's next report, whether its status changes or not:
+/// - before `fix`: the position in five fields, invisible to reads;
+/// - before `refreshed`: the refresh time in `indexed` (one server only: a cluster never wrote it).
 async fn legacy_meta_hashes_are_rewritten(target: &RedisTarget) {
     let live = fresh(target, TTL).await;
-    let key = live.layout().meta_key("old");
     let time: Value = redis::cmd("TIME")
         .query_async(&mut live.conn())
         .await
         .unwrap();
-    let seen = meta::time_ms(&time).unwrap();
-    let _: Value = redis::cmd("HSET")
-        .arg(&key)
-        .arg(&["ts", &(T0 + 10).to_string(), "seen", &seen.to_string()])
-        .arg(&["status", "online", "indexed", &seen.to_string()])
-        .arg(&["lat", "31230400", "lon", "121473700"])
-        .arg(&["speed", "", "heading", "", "accuracy", ""])
-        .query_async(&mut live.conn())
-        .await
-        .unwrap();
-    assert_eq!(live.get("old").await.unwrap(), None);
-    let older = pos("old", 31_240_000, 121_480_000, Status::Busy, T0 + 5);
-    assert_eq!(live.upsert(&[older]).await.unwrap(), [Upsert::Stale]);
-    let newer = pos("old", 31_240_000, 121_480_000, Status::Busy, T0 + 20);
-    assert_eq!(
-        live.upsert(std::slice::from_ref(&newer)).await.unwrap(),
-        [Upsert::Applied]
-    );
-    assert_eq!(live.get("old").await.unwrap(), Some(newer));
-    let mut fields: Vec<String> = redis::cmd("HKEYS")
-        .arg(&key)
-        .query_async(&mut live.conn())
-        .await
-        .unwrap();
-    fields.sort();
-    let expected: &[&str] = match live.layout() {
-        Layout::Standalone => &["fix", "indexed", "seen", "status", "ts"],
-        Layout::Cluster => &["area", "fix", "indexed", "seen", "status", "ts"],
-    };
-    assert_eq!(fields, expected);
+    let seen = meta::time_ms(&time).unwrap().to_string();
+    let unpacked: &[&str] = &[
+        "lat",
+        "31230400",
+        "lon",
+        "121473700",
+        "speed",
+        "",
+        "heading",
+        "",
+    ];
+    let packed: &[&str] = &["fix", "31230400,121473700,,,"];
+    for (n, (fields, status)) in [
+        (unpacked, Status::Busy),
+        (unpacked, Status::Online),
+        (packed, Status::Online),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if fields == packed && live.layout() == Layout::Cluster {
+            continue;
+        }
+        let id = format!("old{n}");
+        let key = live.layout().meta_key(&id);
+        let _: Value = redis::cmd("HSET")
+            .arg(&key)
+            .arg(&["ts", &(T0 + 10).to_string(), "seen", &seen])
+            .arg(&["status", "online", "indexed", &seen])
+            .arg(fields)
+            .query_async(&mut live.conn())
+            .await
+            .unwrap();
+        if fields == unpacked {
+            assert_eq!(live.get(&id).await.unwrap(), None);
+        }
+        let older = pos(&id, 31_240_000, 121_480_000, status, T0 + 5);
+        assert_eq!(live.upsert(&[older]).await.unwrap(), [Upsert::Stale]);
+        let newer = pos(&id, 31_240_000, 121_480_000, status, T0 + 20);
+        assert_eq!(
+            live.upsert(std::slice::from_ref(&newer)).await.unwrap(),
+            [Upsert::Applied]
+        );
+        assert_eq!(live.get(&id).await.unwrap(), Some(newer));
+        let mut fields: Vec<String> = redis::cmd("HKEYS")
+            .arg(&key)
+            .query_async(&mut live.conn())
+            .await
+            .unwrap();
+        fields.sort();
+        let expected: &[&str] = match live.layout() {
+            Layout::Standalone => &["fix", "refreshed", "seen", "status", "ts"],
+            Layout::Cluster => &["area", "fix", "seen", "status", "ts"],
+        };
+        assert_eq!(fields, expected, "{id}");
+    }
 }
 
 async fn contract(target: &RedisTarget) {
