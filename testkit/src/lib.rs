@@ -43,6 +43,17 @@ pub struct RedisServer {
     extra: Vec<String>,
 }
 
+/// A free port for a cluster node: a node also listens on its port + 10000 (the cluster bus), so
+/// that one must exist (the port at most 55535, or `redis-server` exits) and be free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
 impl RedisServer {
     pub fn start() -> RedisServer {
         RedisServer::start_with(&[])
@@ -50,9 +61,14 @@ impl RedisServer {
 
     /// Starts with extra `redis-server` arguments (such as `--cluster-enabled yes`).
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        let port = if extra.contains(&"--cluster-enabled") {
+            free_cluster_port()
+        } else {
+            free_port()
+        };
         let mut server = RedisServer {
             child: None,
-            port: free_port(),
+            port,
             dir: tempfile::tempdir().expect("temp dir"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
@@ -351,6 +367,13 @@ fn pg_command(bin: &Path, program: &str, as_root: bool) -> Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_ports_leave_room_for_the_bus() {
+        for _ in 0..200 {
+            assert!(free_cluster_port() <= 55_535);
+        }
+    }
 
     #[test]
     fn redis_starts_stops_and_resumes() {
