@@ -20,7 +20,7 @@
 //! cache never answers queries: `GET /v1/drivers/{id}` and searches always read Redis.
 
 use crate::domain::{DriverId, Position};
-use quick_cache::sync::Cache;
+use quick_cache::sync::{Cache, EntryAction, EntryResult};
 use quick_cache::UnitWeighter;
 use std::time::{Duration, Instant};
 
@@ -59,14 +59,24 @@ impl RecentFixes {
         (now.saturating_duration_since(learned) < self.ttl).then_some(fix)
     }
 
-    /// Remembers `fix` as its driver's latest unless a newer one is remembered already.
+    /// Remembers `fix` as its driver's latest unless a newer one is remembered already: one
+    /// lookup that updates the entry in place (this runs for every applied position).
     pub fn remember(&self, fix: &Position, now: Instant) {
-        if let Some((known, _)) = self.fixes.get(&fix.driver_id) {
-            if known.timestamp > fix.timestamp {
-                return;
-            }
+        let found = self.fixes.entry(
+            &fix.driver_id,
+            Some(Duration::ZERO),
+            |_, (known, learned)| {
+                if known.timestamp <= fix.timestamp {
+                    *known = fix.clone();
+                    *learned = now;
+                }
+                EntryAction::Retain(())
+            },
+        );
+        // Timeout: another thread is inserting this driver right now; either fix will do.
+        if let EntryResult::Vacant(slot) = found {
+            let _ = slot.insert((fix.clone(), now));
         }
-        self.fixes.insert(fix.driver_id.clone(), (fix.clone(), now));
     }
 
     /// How many fixes are remembered.
