@@ -7,6 +7,7 @@ use crate::hub::RemovedReason;
 use crate::live::MemoryIndex;
 use fleettracker_testkit::{RedisCluster, RedisServer};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +49,13 @@ async fn fresh(target: &RedisTarget, ttl: Duration) -> RedisLive {
     RedisLive::connect(target, ttl, &metrics).await.unwrap()
 }
 
+/// `n` distinct timestamps after `T0`, in an order fixed by `seed`.
+fn shuffled_timestamps(n: i64, seed: u64) -> Vec<i64> {
+    let mut timestamps: Vec<i64> = (0..n).map(|i| T0 + 1000 + i).collect();
+    timestamps.shuffle(&mut StdRng::seed_from_u64(seed));
+    timestamps
+}
+
 async fn round_trip_and_stale(target: &RedisTarget) {
     let live = fresh(target, TTL).await;
     assert_eq!(live.get("nobody").await.unwrap(), None);
@@ -73,11 +81,7 @@ async fn round_trip_and_stale(target: &RedisTarget) {
     let other = RedisLive::connect(target, TTL, &Metrics::new())
         .await
         .unwrap();
-    let mut rng = StdRng::seed_from_u64(7);
-    let mut timestamps: Vec<i64> = (0..400).map(|i| T0 + 1000 + i).collect();
-    for i in (1..timestamps.len()).rev() {
-        timestamps.swap(i, rng.random_range(0..=i));
-    }
+    let timestamps = shuffled_timestamps(400, 7);
     let tasks: Vec<_> = timestamps
         .iter()
         .enumerate()
@@ -107,11 +111,7 @@ async fn round_trip_and_stale(target: &RedisTarget) {
 async fn concurrent_batches_keep_the_newest(target: &RedisTarget) {
     const DRIVERS: i64 = 100;
     let live = fresh(target, TTL).await;
-    let mut rng = StdRng::seed_from_u64(11);
-    let mut timestamps: Vec<i64> = (0..8 * 600).map(|i| T0 + 1000 + i).collect();
-    for i in (1..timestamps.len()).rev() {
-        timestamps.swap(i, rng.random_range(0..=i));
-    }
+    let timestamps = shuffled_timestamps(8 * 600, 11);
     let batches: Vec<Vec<Position>> = timestamps
         .chunks(600)
         .map(|chunk| {
@@ -130,13 +130,12 @@ async fn concurrent_batches_keep_the_newest(target: &RedisTarget) {
                 .collect()
         })
         .collect();
-    let newest = |id: &str| {
-        timestamps
-            .iter()
-            .filter(|&&ts| format!("b{}", ts % DRIVERS) == id)
-            .max()
-            .copied()
-    };
+    let mut newest_of: HashMap<String, i64> = HashMap::new();
+    for &ts in &timestamps {
+        let newest = newest_of.entry(format!("b{}", ts % DRIVERS)).or_default();
+        *newest = (*newest).max(ts);
+    }
+    let newest = |id: &str| newest_of.get(id).copied();
     let tasks: Vec<_> = batches
         .iter()
         .cloned()
