@@ -56,16 +56,11 @@ fn free_cluster_port() -> u16 {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        RedisServer::start_with(&[])
+        RedisServer::start_on(free_port(), &[])
     }
 
-    /// Starts with extra `redis-server` arguments (such as `--cluster-enabled yes`).
-    pub fn start_with(extra: &[&str]) -> RedisServer {
-        let port = if extra.contains(&"--cluster-enabled") {
-            free_cluster_port()
-        } else {
-            free_port()
-        };
+    /// Starts on `port` with extra `redis-server` arguments (such as `--cluster-enabled yes`).
+    fn start_on(port: u16, extra: &[&str]) -> RedisServer {
         let mut server = RedisServer {
             child: None,
             port,
@@ -151,12 +146,8 @@ impl RedisCluster {
     pub fn start(n: usize) -> RedisCluster {
         let nodes: Vec<RedisServer> = (0..n)
             .map(|_| {
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-node-timeout",
-                    "2000",
-                ])
+                let args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
+                RedisServer::start_on(free_cluster_port(), &args)
             })
             .collect();
         let addrs: Vec<String> = nodes
