@@ -37,14 +37,6 @@ async fn stats_count_drivers_by_status_and_updates() {
     );
 }
 
-/// Finds a sample's value in Prometheus text.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn metrics_expose_the_documented_series() {
     let s = Server::start();

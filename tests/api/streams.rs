@@ -123,11 +123,7 @@ async fn send_json(ws: &mut Ws, value: &Value) {
 /// A sample's value in the Prometheus text of `/metrics` (0 when absent).
 async fn metric(s: &Server, series: &str) -> f64 {
     let text = s.get("/metrics").await.text().await.unwrap();
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    sample(&text, series).unwrap_or(0.0)
 }
 
 #[tokio::test]
