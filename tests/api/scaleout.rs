@@ -128,9 +128,23 @@ async fn a_redis_outage_is_503_then_service_resumes_by_itself() {
         "not_ready",
     )
     .await;
-    // Still alive: liveness and metrics answer.
+    // Still alive: liveness and metrics answer, under the issue's metric names: the upsert
+    // latency histogram (the report before the outage) and the Redis error counter (the reads
+    // during it).
     assert_eq!(s.get("/health").await.status(), StatusCode::OK);
-    assert_eq!(s.get("/metrics").await.status(), StatusCode::OK);
+    let r = s.get("/metrics").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("# TYPE redis_geoadd_latency_seconds histogram"),
+        "{text}"
+    );
+    assert!(sample(&text, "redis_geoadd_latency_seconds_count").unwrap_or(0.0) >= 1.0);
+    let errors: f64 = ["get", "upsert"]
+        .iter()
+        .filter_map(|op| sample(&text, &format!(r#"redis_errors_total{{op="{op}"}}"#)))
+        .sum();
+    assert!(errors >= 1.0, "{text}");
 
     redis.resume();
     eventually(WAIT, "writes succeed again", || async {
