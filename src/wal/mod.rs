@@ -17,6 +17,7 @@
 //! as handling tens of requests, so one per request would cap throughput at the disk's fsync rate.
 
 pub mod codec;
+mod direct;
 mod reader;
 mod segment;
 mod syncer;
@@ -158,6 +159,12 @@ struct Shared {
     syncer: Syncer,
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
+    /// Commits take the write-then-fsync path even where direct I/O works (tests of that path).
+    #[cfg(test)]
+    buffered_only: std::sync::atomic::AtomicBool,
+    /// The writer commits with direct writes.
+    #[cfg(test)]
+    direct_used: std::sync::atomic::AtomicBool,
     /// Every inline write counts as slow (tests of the offload).
     #[cfg(test)]
     writes_are_slow: std::sync::atomic::AtomicBool,
@@ -188,13 +195,29 @@ impl Shared {
         writer::OFFLOAD_FOR
     }
 
+    /// Whether commits may be direct writes (see [`writer`]).
+    fn direct_allowed(&self) -> bool {
+        #[cfg(test)]
+        if self.buffered_only.load(Ordering::Relaxed) {
+            return false;
+        }
+        true
+    }
+
+    /// The failure a test asked the next commit to have, if any.
+    #[cfg(test)]
+    fn fail_injected(&self) -> Result<(), WalError> {
+        if self.fail_next_sync.swap(false, Ordering::Relaxed) {
+            let injected = std::io::Error::other("injected fsync failure");
+            return Err(segment::io_err("fsync", &self.dir)(injected));
+        }
+        Ok(())
+    }
+
     /// `fdatasync`s a segment of this log, counting it.
     fn sync_file(&self, file: &File, path: &Path) -> Result<(), WalError> {
         #[cfg(test)]
-        if self.fail_next_sync.swap(false, Ordering::Relaxed) {
-            let injected = std::io::Error::other("injected fsync failure");
-            return Err(segment::io_err("fsync", path)(injected));
-        }
+        self.fail_injected()?;
         file.sync_data().map_err(segment::io_err("fsync", path))?;
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -257,6 +280,10 @@ impl Wal {
             syncer,
             #[cfg(test)]
             fail_next_sync: Default::default(),
+            #[cfg(test)]
+            buffered_only: Default::default(),
+            #[cfg(test)]
+            direct_used: Default::default(),
             #[cfg(test)]
             writes_are_slow: Default::default(),
             #[cfg(test)]
@@ -399,6 +426,22 @@ impl Wal {
     #[cfg(test)]
     fn pool_writes(&self) -> u64 {
         self.inner.shared.pool_writes.load(Ordering::Relaxed)
+    }
+
+    /// Commits through the page cache and the fsync thread even where direct I/O works; call
+    /// before the first append.
+    #[cfg(test)]
+    fn buffered_only(&self) {
+        self.inner
+            .shared
+            .buffered_only
+            .store(true, Ordering::Relaxed);
+    }
+
+    /// Whether commits are direct writes (decided at the first append).
+    #[cfg(test)]
+    fn direct_commits(&self) -> bool {
+        self.inner.shared.direct_used.load(Ordering::Relaxed)
     }
 
     /// Makes the next fsync fail, as a disk error would.

@@ -36,6 +36,7 @@
 //! An I/O error leaves the file in an unknown state, so the first error breaks the log for good:
 //! the group and every later append get [`WalError::Broken`]; a restart re-validates the files.
 
+use super::direct::{self, DirectTail};
 use super::segment::{self, HEADER_LEN};
 use super::{FsyncPolicy, Lsn, Shared, WalError};
 use parking_lot::MutexGuard;
@@ -238,6 +239,7 @@ pub fn release(shared: &Shared) {
 async fn run(shared: Arc<Shared>) {
     let mut spare = Vec::new();
     let mut offload = Offload::default();
+    let mut direct = open_direct(&shared);
     loop {
         shared.wake.notified().await;
         for _ in 0..LINGER_YIELDS {
@@ -255,26 +257,15 @@ async fn run(shared: Arc<Shared>) {
             // directory may already be open again (a restart in the same process).
             return finish(shared).await;
         }
-        let Group {
-            buf,
-            breaks,
-            end,
-            replies,
-            closing,
-            ..
-        } = group;
-        let (written, mut buf) = write_group(&shared, buf, breaks, &mut offload).await;
+        let closing = group.closing;
+        let (committed, mut buf) = match direct.as_mut() {
+            Some(tail) => commit_direct(&shared, tail, group).await,
+            None => write_and_commit(&shared, group, &mut offload).await,
+        };
         buf.clear();
         if buf.capacity() <= KEEP_BUFFER_BYTES {
             spare = buf;
         }
-        let committed = match written {
-            Ok(()) => commit(&shared, end, replies),
-            Err(e) => {
-                answer_broken(replies, &e.to_string());
-                Err(e)
-            }
-        };
         if let Err(e) = committed {
             let reason = e.to_string();
             tracing::error!(error = %reason, "write-ahead log failed; refusing further writes");
@@ -284,6 +275,156 @@ async fn run(shared: Arc<Shared>) {
         if closing {
             return finish(shared).await;
         }
+    }
+}
+
+/// `FsyncPolicy::Always` where the file system takes direct I/O: the writer commits each group
+/// itself with one direct write (see [`super::direct`]) instead of handing it to the fsync thread.
+/// `None` under `Interval`, and where direct I/O is refused (tmpfs, for one): then the log keeps
+/// the write-then-fsync path.
+fn open_direct(shared: &Shared) -> Option<DirectTail> {
+    if shared.policy != FsyncPolicy::Always || !shared.direct_allowed() {
+        return None;
+    }
+    let active = shared.active.lock();
+    match DirectTail::open(&active.path, active.offset) {
+        Ok(tail) => {
+            tracing::debug!("write-ahead log: commits are direct writes");
+            #[cfg(test)]
+            shared.direct_used.store(true, Ordering::Relaxed);
+            Some(tail)
+        }
+        Err(e) => {
+            tracing::info!(
+                error = %e,
+                "write-ahead log: no direct I/O on this file system; commits use fdatasync"
+            );
+            None
+        }
+    }
+}
+
+/// Writes a group to the page cache and passes it on to be answered (the write-then-fsync path).
+async fn write_and_commit(
+    shared: &Arc<Shared>,
+    group: Group,
+    offload: &mut Offload,
+) -> (Result<(), WalError>, Vec<u8>) {
+    let (written, buf) = write_group(shared, group.buf, group.breaks, offload).await;
+    let committed = match written {
+        Ok(()) => commit(shared, group.end, group.replies),
+        Err(e) => {
+            answer_broken(group.replies, &e.to_string());
+            Err(e)
+        }
+    };
+    (committed, buf)
+}
+
+/// Commits a group with a direct write and answers it: it is on disk when the write completes.
+/// A group that starts a new segment (once per segment) is written through the page cache and
+/// fsynced instead, and the tail moves to the new segment.
+async fn commit_direct(
+    shared: &Arc<Shared>,
+    tail: &mut DirectTail,
+    group: Group,
+) -> (Result<(), WalError>, Vec<u8>) {
+    let (written, buf) = if group.breaks.is_empty() {
+        let written = write_direct(shared, tail, &group.buf).await;
+        (written, group.buf)
+    } else {
+        rotate_direct(shared, tail, group.buf, group.breaks).await
+    };
+    if let Err(e) = written {
+        answer_broken(group.replies, &e.to_string());
+        return (Err(e), buf);
+    }
+    shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+    shared.synced.fetch_max(group.end, Ordering::AcqRel);
+    shared.acked.fetch_max(group.end, Ordering::AcqRel);
+    for (reply, lsn) in group.replies {
+        let _ = reply.send(Ok(lsn));
+    }
+    (Ok(()), buf)
+}
+
+/// One group after the tail, with direct I/O, after making sure zeros are on disk ahead of it.
+async fn write_direct(
+    shared: &Arc<Shared>,
+    tail: &mut DirectTail,
+    records: &[u8],
+) -> Result<(), WalError> {
+    #[cfg(test)]
+    shared.fail_injected()?;
+    // A direct write covers whole blocks: room for the records and the rest of their last block.
+    let needs_room = {
+        let active = shared.active.lock();
+        let end = active.offset + records.len() as u64;
+        let bytes = end.next_multiple_of(direct::BLOCK as u64) - active.offset;
+        active.needs_room(bytes as usize).then_some(bytes as usize)
+    };
+    if let Some(bytes) = needs_room {
+        let for_pool = shared.clone();
+        let zeroed = tokio::task::spawn_blocking(move || {
+            let mut active = for_pool.active.lock();
+            preallocate(&for_pool, &mut active, bytes)?;
+            // On disk before the direct writes reach them: a direct write over dirty cached
+            // pages would first have to write those back, inside the request worker's submit.
+            active
+                .file
+                .sync_data()
+                .map_err(segment::io_err("fsync", &active.path))
+        })
+        .await;
+        zeroed.unwrap_or_else(|e| Err(WalError::Broken(format!("pre-allocation failed: {e}"))))?;
+    }
+    let path = shared.active.lock().path.clone();
+    let file_end = tail
+        .append(records)
+        .await
+        .map_err(segment::io_err("write", &path))?;
+    let mut active = shared.active.lock();
+    active.offset += records.len() as u64;
+    if file_end > active.len {
+        // Padding past the zeros written ahead (only near the segment's size limit).
+        shared
+            .disk_bytes
+            .fetch_add(file_end - active.len, Ordering::Relaxed);
+        active.len = file_end;
+    }
+    Ok(())
+}
+
+/// A group that starts a new segment: written through the page cache (rotating as it goes) and
+/// fsynced on the blocking pool; then the tail is the new segment's.
+async fn rotate_direct(
+    shared: &Arc<Shared>,
+    tail: &mut DirectTail,
+    buf: Vec<u8>,
+    breaks: Vec<(usize, Lsn)>,
+) -> (Result<(), WalError>, Vec<u8>) {
+    let for_pool = shared.clone();
+    let job = tokio::task::spawn_blocking(move || {
+        let result = write(&for_pool, &buf, &breaks).and_then(|()| {
+            let active = for_pool.active.lock();
+            for_pool.sync_file(&active.file, &active.path)?;
+            DirectTail::open(&active.path, active.offset)
+                .map_err(segment::io_err("open for direct writes", &active.path))
+        });
+        (result, buf)
+    });
+    match job.await {
+        Ok((Ok(next), buf)) => {
+            *tail = next;
+            (Ok(()), buf)
+        }
+        Ok((Err(e), buf)) => (Err(e), buf),
+        Err(e) => (
+            Err(WalError::Broken(format!(
+                "the log's write did not finish: {e}"
+            ))),
+            Vec::new(),
+        ),
     }
 }
 
