@@ -200,17 +200,28 @@ impl DirectFile {
             ctx: self.ctx,
             done: false,
         };
+        // The eventfd counts completions: wait for it, drain it, then reap. Each step is one
+        // syscall, and none is spent before the kernel has signalled.
         let event = loop {
-            if let Some(event) = flight.reap(false)? {
-                break event;
-            }
             let mut ready = self.done.readable().await?;
             let mut count = [0u8; 8];
             // SAFETY: reads the eventfd's 8-byte counter into `count`.
             let n =
                 unsafe { libc::read(ready.get_inner().as_raw_fd(), count.as_mut_ptr().cast(), 8) };
-            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
-                ready.clear_ready();
+            // Drained (or never signalled): the next signal is a new readiness event.
+            ready.clear_ready();
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) {
+                    continue;
+                }
+                return Err(e);
+            }
+            if let Some(event) = flight.reap(false)? {
+                break event;
             }
         };
         if event.res < 0 {

@@ -3,9 +3,10 @@
 //!
 //! - One record per request ([`Batch`]): the positions and their receipt time, in a compact binary
 //!   encoding ([`codec`]), framed with a length and a CRC-32 ([`segment`] documents the bytes).
-//! - Appends are written in groups by one writer task ([`writer`]) and fsynced by one thread
-//!   ([`syncer`]): concurrent appends share one `write` and one `fdatasync`, so durability costs
-//!   little throughput.
+//! - Appends are committed in groups by one writer task ([`writer`]): concurrent appends share one
+//!   disk commit, so durability costs little throughput. Under `FsyncPolicy::Always` a commit is
+//!   one asynchronous direct write where the file system allows it ([`direct`]), else a `write`
+//!   and an `fdatasync` on the fsync thread ([`syncer`]), which also serves `Interval`.
 //! - The log is a directory of segments named by their first [`Lsn`]; a new one starts at a size
 //!   limit, and [`Wal::remove_segments_before`] deletes those a snapshot and history have covered, so
 //!   the log does not grow without bound.

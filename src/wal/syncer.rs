@@ -3,7 +3,8 @@
 //! A dedicated OS thread rather than a tokio task: `fdatasync` blocks for a disk round trip
 //! (0.1–4 ms here), and a blocked async worker would stall unrelated requests.
 //!
-//! - Under `FsyncPolicy::Always` the [`super::writer`] hands over each group once it is written;
+//! - Under `FsyncPolicy::Always`, where the log cannot use direct writes ([`super::direct`]), the
+//!   [`super::writer`] hands over each group once it is written;
 //!   the thread fsyncs whatever has been written by then and answers every append that fsync
 //!   covered, while the writer goes on writing the next group. The group an fsync covers is
 //!   whatever arrived while the previous one ran.

@@ -6,9 +6,12 @@
 //! [`LINGER_YIELDS`] times, so that the requests already runnable on this worker, and those whose
 //! bytes arrive meanwhile, stage their records too (a tokio yield lets the worker poll its sockets
 //! before the task runs again); it then takes the whole group and writes it with one `write`.
-//! Under `FsyncPolicy::Always` the group then goes to the [`super::syncer`] thread, which answers
-//! it after the fsync that covers it, while the next group is already being staged and written;
-//! under `Interval` the writer answers at once.
+//! Under `FsyncPolicy::Always` the writer commits the group itself with one asynchronous direct
+//! write ([`super::direct`]) and answers it when the write completes; the next group stages
+//! meanwhile, and goes out as soon as the write is done. Where the file system refuses direct
+//! I/O, the group is written to the page cache and goes to the [`super::syncer`] thread, which
+//! answers it after the fsync that covers it, while the next group is already being staged and
+//! written. Under `Interval` the writer writes to the page cache and answers at once.
 //!
 //! Why a task and not a writer thread (the first design): with the server on one core, every
 //! append made the request worker and a writer thread take turns — the worker ran out of work,
@@ -17,7 +20,7 @@
 //! all (`--fsync interval`); BENCHMARKS.md has the figures. Here a group is whatever the worker
 //! processed since the last one, and the write happens on the same worker, without a switch.
 //!
-//! A small write to the page cache takes microseconds, so it runs on the worker; a group past
+//! On the page-cache path, a small write takes microseconds, so it runs on the worker; a group past
 //! [`INLINE_WRITE_BYTES`], or one that starts a new segment (an fsync of the old one and a file
 //! creation), is written on the blocking pool instead. A write to the page cache can still block:
 //! when the disk falls far behind, the kernel throttles writers of dirty pages, and the worker —
@@ -26,9 +29,10 @@
 //! switch per group, harmless next to a disk that slow), with a warning.
 //!
 //! The writer keeps [`PREALLOCATE_BYTES`] of zeros written ahead of the records, so that a
-//! record overwrites blocks the file already has: its `fdatasync` then flushes the data alone,
-//! where an append that grows the file also has to write the file's new size (its inode; a
-//! journal commit on a journaling file system).
+//! record overwrites blocks the file already has: its `fdatasync` (or `O_DSYNC` direct write) then
+//! flushes the data alone, where an append that grows the file also has to write the file's new
+//! size (its inode; a journal commit on a journaling file system). For direct writes the zeros are
+//! fsynced when written, on the blocking pool, so no dirty cached page lies under a direct write.
 //! Measured with `scripts/fsync-cost`: ~30% less CPU and wall time per `fdatasync`. The zeros are
 //! cut off before a segment is followed by the next one and when the log closes; after a crash
 //! the start-up scan keeps them as free space ([`super::segment`]).
