@@ -17,7 +17,17 @@
 //! rewritten unchanged, so a torn write leaves each sector old or new, both holding them; the pad is
 //! zeros over the zeros written ahead of the records (free space to the start-up scan).
 //!
-//! One write is in flight at a time: the next group waits for it, as the next fsync used to.
+//! One write is in flight at a time: the next group waits for it, as the next fsync used to. Two
+//! could land in either order, and both rewrite the same tail block.
+//!
+//! Readers (history's follower, track queries) read the log through the page cache meanwhile. That
+//! stays coherent: a direct write invalidates the cached pages it covers when it completes (waiting
+//! for a page being read in), readers never read past the acknowledged end, and nothing writes the
+//! tail through the cache (the zeros ahead are fsynced before a direct write reaches them).
+//!
+//! Known limit: `io_submit` of a direct write can block when the disk's request queue is full;
+//! the request worker would then wait with it, where the page-cache path moves its writes to the
+//! blocking pool after a slow one (`writer::Offload`).
 
 use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
@@ -31,6 +41,10 @@ use tokio::io::Interest;
 
 /// Direct I/O's unit: offsets, lengths and the buffer's address are multiples of it.
 pub const BLOCK: usize = 4096;
+/// The tail's write buffer: a group of single positions takes a few KiB; a larger group grows it.
+const TAIL_BUFFER_BYTES: usize = 256 << 10;
+/// A write buffer grown past this by a large group is not kept for the next one.
+const KEEP_BUFFER_BYTES: usize = 8 << 20;
 
 /// A zero-initialised, block-aligned byte buffer (direct I/O reads the caller's memory itself).
 pub struct AlignedBuf {
@@ -321,7 +335,7 @@ impl DirectTail {
         let file = DirectFile::open(path)?;
         let block_at = end - end % BLOCK as u64;
         let held = (end - block_at) as usize;
-        let mut buf = AlignedBuf::with_capacity(256 << 10);
+        let mut buf = AlignedBuf::with_capacity(TAIL_BUFFER_BYTES);
         DirectFile::read_exact_at(path, &mut buf.as_mut_slice()[..held], block_at)?;
         Ok(DirectTail {
             file,
@@ -347,9 +361,16 @@ impl DirectTail {
         self.file.write_at(&self.buf, padded, self.block_at).await?;
         let reached = self.block_at + padded as u64;
         let whole = total - total % BLOCK;
-        self.buf.as_mut_slice().copy_within(whole..total, 0);
-        self.block_at += whole as u64;
         self.held = total - whole;
+        self.block_at += whole as u64;
+        if self.buf.capacity() > KEEP_BUFFER_BYTES {
+            // A large batch grew it: keep the partial block in a buffer of the usual size.
+            let mut usual = AlignedBuf::with_capacity(TAIL_BUFFER_BYTES);
+            usual.as_mut_slice()[..self.held].copy_from_slice(&self.buf.as_slice()[whole..total]);
+            self.buf = usual;
+        } else {
+            self.buf.as_mut_slice().copy_within(whole..total, 0);
+        }
         Ok(reached)
     }
 }

@@ -731,3 +731,23 @@ async fn concurrent_direct_commits_lose_nothing_across_rotation() {
     let wal = Wal::open(dir.path(), FsyncPolicy::Always).unwrap();
     assert_eq!(read_all(&wal, 0), written);
 }
+
+#[tokio::test]
+async fn a_direct_commit_larger_than_the_kept_buffer_is_followed_by_small_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), FsyncPolicy::Always).unwrap();
+    let mut written = append_range(&wal, 0, 3).await;
+    // ~9 MiB in one record: the tail's buffer grows past what it keeps, then shrinks back with
+    // the partial block carried over.
+    let big_id = "y".repeat(1 << 20);
+    let big = Batch {
+        received_at: 7,
+        positions: (0..9).map(|i| pos(&big_id, i)).collect(),
+    };
+    written.push((wal.append(&big).await.unwrap(), big));
+    written.extend(append_range(&wal, 3, 40).await);
+    assert!(wal.direct_commits());
+    drop(wal);
+    let wal = Wal::open(dir.path(), FsyncPolicy::Always).unwrap();
+    assert_eq!(read_all(&wal, 0), written);
+}
