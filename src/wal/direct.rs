@@ -141,12 +141,13 @@ pub struct DirectFile {
 
 impl DirectFile {
     /// Opens `path` for `O_DIRECT | O_DSYNC` writes. Fails (`EINVAL`) where the file system has
-    /// no direct I/O (tmpfs, for one): the caller then keeps the fsync thread.
+    /// no direct I/O (some FUSE and network file systems): the caller then keeps the fsync thread.
     pub fn open(path: &Path) -> io::Result<DirectFile> {
         let file = OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
             .open(path)?;
+        check_alignment(&file)?;
         // SAFETY: plain syscalls; `eventfd` returns a new descriptor we own, or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -253,6 +254,39 @@ impl DirectFile {
     /// Reads `buf.len()` bytes at `offset` through the page cache (the tail block at start).
     pub fn read_exact_at(path: &Path, buf: &mut [u8], offset: u64) -> io::Result<()> {
         File::open(path)?.read_exact_at(buf, offset)
+    }
+}
+
+/// Refuses a file whose direct I/O needs a coarser alignment than [`BLOCK`] (or none at all), as
+/// far as the kernel says (`statx` with `STATX_DIOALIGN`, Linux 6.1+; older kernels say nothing
+/// and the file is taken).
+fn check_alignment(file: &File) -> io::Result<()> {
+    // SAFETY: `statx` is plain data; all zeros is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: fills `stx` for the open descriptor (empty path with AT_EMPTY_PATH).
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return Ok(());
+    }
+    let fits = |align: u32| align != 0 && BLOCK.is_multiple_of(align as usize);
+    if fits(stx.stx_dio_offset_align) && fits(stx.stx_dio_mem_align) {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "direct I/O needs offsets aligned to {} and memory to {} bytes",
+                stx.stx_dio_offset_align, stx.stx_dio_mem_align
+            ),
+        ))
     }
 }
 

@@ -284,8 +284,8 @@ async fn run(shared: Arc<Shared>) {
 
 /// `FsyncPolicy::Always` where the file system takes direct I/O: the writer commits each group
 /// itself with one direct write (see [`super::direct`]) instead of handing it to the fsync thread.
-/// `None` under `Interval`, and where direct I/O is refused (tmpfs, for one): then the log keeps
-/// the write-then-fsync path.
+/// `None` under `Interval`, and where direct I/O is refused (some FUSE and network file systems;
+/// tmpfs before Linux 6.6): then the log keeps the write-then-fsync path.
 fn open_direct(shared: &Shared) -> Option<DirectTail> {
     if shared.policy != FsyncPolicy::Always || !shared.direct_allowed() {
         return None;
