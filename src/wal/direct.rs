@@ -49,7 +49,7 @@ const KEEP_BUFFER_BYTES: usize = 8 << 20;
 /// A zero-initialised, block-aligned byte buffer (direct I/O reads the caller's memory itself).
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
-    cap: usize,
+    layout: Layout,
 }
 
 // SAFETY: the buffer owns its allocation; nothing else aliases it.
@@ -58,41 +58,37 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    fn layout(cap: usize) -> Layout {
-        // BLOCK is a power of two and `cap` a multiple of it: the layout is always valid.
-        Layout::from_size_align(cap.max(BLOCK), BLOCK).unwrap_or_else(|_| Layout::new::<u8>())
-    }
-
-    pub fn with_capacity(cap: usize) -> AlignedBuf {
-        let cap = round_up(cap.max(BLOCK));
-        let layout = Self::layout(cap);
+    /// At least `cap` bytes, a whole number of blocks. Fails only for an impossible size.
+    pub fn with_capacity(cap: usize) -> io::Result<AlignedBuf> {
+        let layout = Layout::from_size_align(round_up(cap.max(BLOCK)), BLOCK)
+            .map_err(|e| io::Error::other(format!("a {cap}-byte write buffer: {e}")))?;
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw) else {
             alloc::handle_alloc_error(layout)
         };
-        AlignedBuf { ptr, cap }
+        Ok(AlignedBuf { ptr, layout })
     }
 
     pub fn capacity(&self) -> usize {
-        self.cap
+        self.layout.size()
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: `cap` initialised bytes (zeroed at allocation) owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.cap) }
+        // SAFETY: `capacity` initialised bytes (zeroed at allocation) owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as above, borrowed mutably through self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
     }
 }
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `with_capacity` with this layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
 }
 
@@ -369,7 +365,7 @@ impl DirectTail {
         let file = DirectFile::open(path)?;
         let block_at = end - end % BLOCK as u64;
         let held = (end - block_at) as usize;
-        let mut buf = AlignedBuf::with_capacity(TAIL_BUFFER_BYTES);
+        let mut buf = AlignedBuf::with_capacity(TAIL_BUFFER_BYTES)?;
         DirectFile::read_exact_at(path, &mut buf.as_mut_slice()[..held], block_at)?;
         Ok(DirectTail {
             file,
@@ -384,7 +380,7 @@ impl DirectTail {
     pub async fn append(&mut self, records: &[u8]) -> io::Result<u64> {
         let total = self.held + records.len();
         if round_up(total) > self.buf.capacity() {
-            let mut bigger = AlignedBuf::with_capacity(total * 2);
+            let mut bigger = AlignedBuf::with_capacity(total * 2)?;
             bigger.as_mut_slice()[..self.held].copy_from_slice(&self.buf.as_slice()[..self.held]);
             self.buf = bigger;
         }
@@ -399,7 +395,7 @@ impl DirectTail {
         self.block_at += whole as u64;
         if self.buf.capacity() > KEEP_BUFFER_BYTES {
             // A large batch grew it: keep the partial block in a buffer of the usual size.
-            let mut usual = AlignedBuf::with_capacity(TAIL_BUFFER_BYTES);
+            let mut usual = AlignedBuf::with_capacity(TAIL_BUFFER_BYTES)?;
             usual.as_mut_slice()[..self.held].copy_from_slice(&self.buf.as_slice()[whole..total]);
             self.buf = usual;
         } else {
