@@ -29,12 +29,13 @@
 //! the request worker would then wait with it, where the page-cache path moves its writes to the
 //! blocking pool after a slow one (`writer::Offload`).
 
+use super::writer::KEEP_BUFFER_BYTES;
 use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -43,8 +44,6 @@ use tokio::io::Interest;
 pub const BLOCK: usize = 4096;
 /// The tail's write buffer: a group of single positions takes a few KiB; a larger group grows it.
 const TAIL_BUFFER_BYTES: usize = 256 << 10;
-/// A write buffer grown past this by a large group is not kept for the next one.
-const KEEP_BUFFER_BYTES: usize = 8 << 20;
 
 /// A zero-initialised, block-aligned byte buffer (direct I/O reads the caller's memory itself).
 pub struct AlignedBuf {
@@ -246,11 +245,6 @@ impl DirectFile {
         }
         Ok(())
     }
-
-    /// Reads `buf.len()` bytes at `offset` through the page cache (the tail block at start).
-    pub fn read_exact_at(path: &Path, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        File::open(path)?.read_exact_at(buf, offset)
-    }
 }
 
 /// Refuses a file whose direct I/O needs a coarser alignment than [`BLOCK`] (or none at all), as
@@ -351,7 +345,9 @@ impl Drop for InFlight {
 /// The log's last partial block, kept to be rewritten with the next records (see the module
 /// docs), and the direct file it goes to.
 pub struct DirectTail {
-    pub file: DirectFile,
+    file: DirectFile,
+    /// The segment's path, for errors.
+    path: PathBuf,
     buf: AlignedBuf,
     /// File offset of the tail block (a multiple of [`BLOCK`]).
     block_at: u64,
@@ -366,13 +362,19 @@ impl DirectTail {
         let block_at = end - end % BLOCK as u64;
         let held = (end - block_at) as usize;
         let mut buf = AlignedBuf::with_capacity(TAIL_BUFFER_BYTES)?;
-        DirectFile::read_exact_at(path, &mut buf.as_mut_slice()[..held], block_at)?;
+        // The records already in the tail block, read through the page cache (once per segment).
+        File::open(path)?.read_exact_at(&mut buf.as_mut_slice()[..held], block_at)?;
         Ok(DirectTail {
             file,
+            path: path.to_path_buf(),
             buf,
             block_at,
             held,
         })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Writes `records` after the tail (durably) and keeps the new tail; returns the file offset

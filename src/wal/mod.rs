@@ -207,10 +207,10 @@ impl Shared {
 
     /// The failure a test asked the next commit to have, if any.
     #[cfg(test)]
-    fn fail_injected(&self) -> Result<(), WalError> {
+    fn fail_injected(&self, path: &Path) -> Result<(), WalError> {
         if self.fail_next_sync.swap(false, Ordering::Relaxed) {
             let injected = std::io::Error::other("injected fsync failure");
-            return Err(segment::io_err("fsync", &self.dir)(injected));
+            return Err(segment::io_err("fsync", path)(injected));
         }
         Ok(())
     }
@@ -218,7 +218,7 @@ impl Shared {
     /// `fdatasync`s a segment of this log, counting it.
     fn sync_file(&self, file: &File, path: &Path) -> Result<(), WalError> {
         #[cfg(test)]
-        self.fail_injected()?;
+        self.fail_injected(path)?;
         file.sync_data().map_err(segment::io_err("fsync", path))?;
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         Ok(())

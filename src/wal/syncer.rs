@@ -16,7 +16,7 @@
 //! A failed fsync may have dropped dirty pages that a retry would then report as clean, so the
 //! first failure breaks the log for good (see [`super::Shared::break_log`]).
 
-use super::writer::Reply;
+use super::writer::{answer_durable, Reply};
 use super::{FsyncPolicy, Lsn, Shared, WalError};
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
@@ -208,8 +208,6 @@ fn run(queue: &Queue, policy: FsyncPolicy) {
             done.extend(state.pending.pop_front());
         }
         drop(state);
-        for (reply, lsn) in done {
-            let _ = reply.send(Ok(lsn));
-        }
+        answer_durable(done);
     }
 }

@@ -70,8 +70,8 @@ pub const SLOW_WRITE: Duration = Duration::from_millis(2);
 pub const OFFLOAD_FOR: Duration = Duration::from_secs(10);
 /// Zeros written ahead of the records at a time (see the module docs).
 pub const PREALLOCATE_BYTES: u64 = 1 << 20;
-/// A staging buffer that grew past this is not kept for the next group.
-const KEEP_BUFFER_BYTES: usize = 8 << 20;
+/// A staging (or direct write) buffer that grew past this is not kept for the next group.
+pub const KEEP_BUFFER_BYTES: usize = 8 << 20;
 
 /// Appends not yet written, and where the log is in its life. Behind [`Shared::stage`].
 pub struct Stage {
@@ -346,9 +346,7 @@ async fn commit_direct(
     shared.fsyncs.fetch_add(1, Ordering::Relaxed);
     shared.synced.fetch_max(group.end, Ordering::AcqRel);
     shared.acked.fetch_max(group.end, Ordering::AcqRel);
-    for (reply, lsn) in group.replies {
-        let _ = reply.send(Ok(lsn));
-    }
+    answer_durable(group.replies);
     (Ok(()), buf)
 }
 
@@ -359,7 +357,7 @@ async fn write_direct(
     records: &[u8],
 ) -> Result<(), WalError> {
     #[cfg(test)]
-    shared.fail_injected()?;
+    shared.fail_injected(tail.path())?;
     // A direct write covers whole blocks: room for the records and the rest of their last block.
     let needs_room = {
         let active = shared.active.lock();
@@ -382,11 +380,10 @@ async fn write_direct(
         .await;
         zeroed.unwrap_or_else(|e| Err(WalError::Broken(format!("pre-allocation failed: {e}"))))?;
     }
-    let path = shared.active.lock().path.clone();
-    let file_end = tail
-        .append(records)
-        .await
-        .map_err(segment::io_err("write", &path))?;
+    let file_end = match tail.append(records).await {
+        Ok(end) => end,
+        Err(e) => return Err(segment::io_err("write", tail.path())(e)),
+    };
     let mut active = shared.active.lock();
     active.offset += records.len() as u64;
     if file_end > active.len {
@@ -602,9 +599,7 @@ fn commit(shared: &Shared, end: Lsn, replies: Waiting) -> Result<(), WalError> {
         FsyncPolicy::Interval(_) => {
             shared.acked.fetch_max(end, Ordering::AcqRel);
             shared.syncer.wrote(end);
-            for (reply, lsn) in replies {
-                let _ = reply.send(Ok(lsn));
-            }
+            answer_durable(replies);
             Ok(())
         }
     }
@@ -638,6 +633,13 @@ async fn finish(shared: Arc<Shared>) {
     };
     for close in closes {
         let _ = close.send(result.clone().map_err(WalError::Broken));
+    }
+}
+
+/// Answers appends that are durable under the policy with their LSNs.
+pub fn answer_durable(replies: impl IntoIterator<Item = (Reply<Lsn>, Lsn)>) {
+    for (reply, lsn) in replies {
+        let _ = reply.send(Ok(lsn));
     }
 }
 
