@@ -420,12 +420,7 @@ async fn rotate_direct(
             (Ok(()), buf)
         }
         Ok((Err(e), buf)) => (Err(e), buf),
-        Err(e) => (
-            Err(WalError::Broken(format!(
-                "the log's write did not finish: {e}"
-            ))),
-            Vec::new(),
-        ),
+        Err(e) => (Err(unfinished(e)), Vec::new()),
     }
 }
 
@@ -489,12 +484,7 @@ async fn write_group(
     });
     match job.await {
         Ok(done) => done,
-        Err(e) => (
-            Err(WalError::Broken(format!(
-                "the log's write did not finish: {e}"
-            ))),
-            Vec::new(),
-        ),
+        Err(e) => (Err(unfinished(e)), Vec::new()),
     }
 }
 
@@ -634,6 +624,11 @@ async fn finish(shared: Arc<Shared>) {
     for close in closes {
         let _ = close.send(result.clone().map_err(WalError::Broken));
     }
+}
+
+/// A write on the blocking pool that panicked or was cancelled: the file's state is unknown.
+fn unfinished(e: tokio::task::JoinError) -> WalError {
+    WalError::Broken(format!("the log's write did not finish: {e}"))
 }
 
 /// Answers appends that are durable under the policy with their LSNs.
