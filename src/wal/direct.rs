@@ -25,9 +25,12 @@
 //! for a page being read in), readers never read past the acknowledged end, and nothing writes the
 //! tail through the cache (the zeros ahead are fsynced before a direct write reaches them).
 //!
-//! Known limit: `io_submit` of a direct write can block when the disk's request queue is full;
-//! the request worker would then wait with it, where the page-cache path moves its writes to the
-//! blocking pool after a slow one (`writer::Offload`).
+//! `io_submit` normally returns in microseconds, but it blocks when the disk's request queue is
+//! full (another process, or our own snapshot's writeback, saturating the disk), and the request
+//! worker would wait with it. So each submit is timed, and after a slow one the writer submits
+//! [`Submit::OffWorker`] for a while (`writer::Offload`, as the page-cache path does with its
+//! writes): the worker's other tasks move to another thread first (`block_in_place`), and the
+//! requests go on being served while the submit waits for room in the queue.
 
 use super::writer::KEEP_BUFFER_BYTES;
 use std::alloc::{self, Layout};
@@ -37,13 +40,30 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use tokio::runtime::{Handle, RuntimeFlavor};
 
 /// Direct I/O's unit: offsets, lengths and the buffer's address are multiples of it.
 pub const BLOCK: usize = 4096;
 /// The tail's write buffer: a group of single positions takes a few KiB; a larger group grows it.
 const TAIL_BUFFER_BYTES: usize = 256 << 10;
+
+/// Where a direct write is handed to the kernel (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Submit {
+    /// On the request worker, inline: the usual case.
+    OnWorker,
+    /// After handing the worker's other tasks to another thread, because a recent submit blocked.
+    OffWorker,
+}
+
+/// A started direct write: the submit is done, the write may still be in flight.
+pub struct Submitted {
+    /// How long `io_submit` took: a slow one means the disk's queue is full.
+    pub took: Duration,
+}
 
 /// A zero-initialised, block-aligned byte buffer (direct I/O reads the caller's memory itself).
 pub struct AlignedBuf {
@@ -168,10 +188,16 @@ impl DirectFile {
         Ok(DirectFile { file, ctx, done })
     }
 
-    /// Writes `buf[..len]` at `offset` (`len` and `offset` whole blocks) and waits for it to be on
-    /// disk. Cancel-safe for memory: dropping the future mid-write blocks until the kernel is done
-    /// with the buffer.
-    pub async fn write_at(&self, buf: &AlignedBuf, len: usize, offset: u64) -> io::Result<()> {
+    /// Writes `buf[..len]` at `offset` (`len` and `offset` whole blocks), submitted as `how` says,
+    /// and waits for it to be on disk. Cancel-safe for memory: dropping the future mid-write
+    /// blocks until the kernel is done with the buffer.
+    pub async fn write_at(
+        &self,
+        buf: &AlignedBuf,
+        len: usize,
+        offset: u64,
+        how: Submit,
+    ) -> io::Result<Submitted> {
         debug_assert!(
             len.is_multiple_of(BLOCK)
                 && offset.is_multiple_of(BLOCK as u64)
@@ -187,17 +213,13 @@ impl DirectFile {
             resfd: self.done.get_ref().as_raw_fd() as u32,
             ..IoCb::default()
         };
-        // SAFETY: the kernel copies the iocb during the call; the buffer it points to outlives the
-        // request: `InFlight` waits for its completion before the borrow ends, even when this
-        // future is dropped.
-        let rc = unsafe {
-            let mut list = [&mut cb as *mut IoCb];
-            libc::syscall(
-                libc::SYS_io_submit,
-                self.ctx,
-                1 as libc::c_long,
-                list.as_mut_ptr(),
-            )
+        let started = Instant::now();
+        let rc = match how {
+            Submit::OnWorker => submit(self.ctx, &mut cb),
+            Submit::OffWorker => off_worker(|| submit(self.ctx, &mut cb)),
+        };
+        let submitted = Submitted {
+            took: started.elapsed(),
         };
         if rc != 1 {
             return Err(if rc < 0 {
@@ -243,7 +265,35 @@ impl DirectFile {
                 event.res
             )));
         }
-        Ok(())
+        Ok(submitted)
+    }
+}
+
+/// Submits `cb`; returns how many requests the kernel took (1), or -1 with `errno` set.
+fn submit(ctx: AioContext, cb: &mut IoCb) -> libc::c_long {
+    // SAFETY: the kernel copies the iocb during the call; the buffer it points to outlives the
+    // request: the caller's `InFlight` waits for its completion before the borrow ends, even when
+    // its future is dropped.
+    unsafe {
+        let mut list = [cb as *mut IoCb];
+        libc::syscall(
+            libc::SYS_io_submit,
+            ctx,
+            1 as libc::c_long,
+            list.as_mut_ptr(),
+        )
+    }
+}
+
+/// Runs `blocking` with the worker's other tasks handed to another thread first, where the
+/// runtime has other threads to hand them to (a multi-thread one; tests also use single-threaded
+/// runtimes, where it simply runs).
+fn off_worker<T>(blocking: impl FnOnce() -> T) -> T {
+    match Handle::try_current() {
+        Ok(runtime) if runtime.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(blocking)
+        }
+        _ => blocking(),
     }
 }
 
@@ -377,9 +427,9 @@ impl DirectTail {
         &self.path
     }
 
-    /// Writes `records` after the tail (durably) and keeps the new tail; returns the file offset
-    /// the write reached (its last block's end).
-    pub async fn append(&mut self, records: &[u8]) -> io::Result<u64> {
+    /// Writes `records` after the tail (durably, submitted as `how` says) and keeps the new tail;
+    /// returns the file offset the write reached (its last block's end) and how the submit went.
+    pub async fn append(&mut self, records: &[u8], how: Submit) -> io::Result<(u64, Submitted)> {
         let total = self.held + records.len();
         if round_up(total) > self.buf.capacity() {
             let mut bigger = AlignedBuf::with_capacity(total * 2)?;
@@ -390,7 +440,10 @@ impl DirectTail {
         let slice = self.buf.as_mut_slice();
         slice[self.held..total].copy_from_slice(records);
         slice[total..padded].fill(0);
-        self.file.write_at(&self.buf, padded, self.block_at).await?;
+        let submitted = self
+            .file
+            .write_at(&self.buf, padded, self.block_at, how)
+            .await?;
         let reached = self.block_at + padded as u64;
         let whole = total - total % BLOCK;
         self.held = total - whole;
@@ -403,6 +456,38 @@ impl DirectTail {
         } else {
             self.buf.as_mut_slice().copy_within(whole..total, 0);
         }
-        Ok(reached)
+        Ok((reached, submitted))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::off_worker;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn off_worker_lets_the_workers_other_tasks_run_meanwhile() {
+        // On the only worker: a task queued behind the blocking call runs while it blocks, which
+        // it could not if the call held the worker.
+        let on_worker = tokio::spawn(async {
+            let ran = Arc::new(AtomicBool::new(false));
+            let flag = ran.clone();
+            tokio::spawn(async move { flag.store(true, Ordering::SeqCst) });
+            off_worker(|| {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !ran.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                ran.load(Ordering::SeqCst)
+            })
+        });
+        assert!(on_worker.await.unwrap(), "the queued task never ran");
+    }
+
+    #[tokio::test]
+    async fn off_worker_runs_in_place_on_a_single_threaded_runtime() {
+        assert_eq!(off_worker(|| 7), 7);
     }
 }

@@ -166,7 +166,7 @@ struct Shared {
     /// The writer commits with direct writes.
     #[cfg(test)]
     direct_used: std::sync::atomic::AtomicBool,
-    /// Every inline write counts as slow (tests of the offload).
+    /// Every inline write and direct submit counts as slow (tests of the offload).
     #[cfg(test)]
     writes_are_slow: std::sync::atomic::AtomicBool,
     /// Writes go back to the worker right after a slow one (tests of the offload).
@@ -175,6 +175,9 @@ struct Shared {
     /// Groups written on the blocking pool.
     #[cfg(test)]
     pool_writes: AtomicU64,
+    /// Direct writes submitted off the request worker.
+    #[cfg(test)]
+    off_worker_submits: AtomicU64,
 }
 
 impl Shared {
@@ -291,6 +294,8 @@ impl Wal {
             offload_briefly: Default::default(),
             #[cfg(test)]
             pool_writes: Default::default(),
+            #[cfg(test)]
+            off_worker_submits: Default::default(),
         });
         shared.syncer.attach(Arc::downgrade(&shared));
         Ok(Wal {
@@ -405,7 +410,7 @@ impl Wal {
         }
     }
 
-    /// Makes every inline write count as slow, as with a disk far behind.
+    /// Makes every inline write and direct submit count as slow, as with a disk far behind.
     #[cfg(test)]
     fn make_writes_slow(&self) {
         self.inner
@@ -427,6 +432,12 @@ impl Wal {
     #[cfg(test)]
     fn pool_writes(&self) -> u64 {
         self.inner.shared.pool_writes.load(Ordering::Relaxed)
+    }
+
+    /// Direct writes submitted off the request worker so far.
+    #[cfg(test)]
+    fn off_worker_submits(&self) -> u64 {
+        self.inner.shared.off_worker_submits.load(Ordering::Relaxed)
     }
 
     /// Commits through the page cache and the fsync thread even where direct I/O works; call

@@ -671,6 +671,41 @@ async fn a_slow_inline_write_moves_writes_to_the_blocking_pool() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_slow_direct_submit_moves_submits_off_the_worker() {
+    // (slow submits, offload ends at once, submits off the worker): the first group's submit runs
+    // on the worker; after it was slow, the other four are submitted off it (on a runtime with a
+    // single worker, whose tasks then move to another thread), unless the offload is already over.
+    for (slow, brief, off_worker) in [(false, false, 0), (true, false, 4), (true, true, 0)] {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), FsyncPolicy::Always).unwrap();
+        if slow {
+            wal.make_writes_slow();
+        }
+        if brief {
+            wal.offload_briefly();
+        }
+        let written = append_sequentially(&wal, 5, 3).await;
+        assert!(wal.direct_commits(), "this file system takes direct I/O");
+        assert_eq!(
+            wal.off_worker_submits(),
+            off_worker,
+            "slow: {slow}, brief: {brief}"
+        );
+        assert_eq!(
+            wal.pool_writes(),
+            0,
+            "direct commits write nothing on the pool"
+        );
+        assert_eq!(read_all(&wal, 0), written);
+        drop(wal);
+        // Reopened as after a crash: the records submitted off the worker are on disk too.
+        let wal = Wal::open(dir.path(), FsyncPolicy::Always).unwrap();
+        assert_eq!(read_all(&wal, 0), written);
+        wal.close().await.unwrap();
+    }
+}
+
 /// Appends batches `from..to` of varying sizes, one after another; returns them with their LSNs.
 async fn append_range(wal: &Wal, from: i32, to: i32) -> Vec<(Lsn, Batch)> {
     let mut out = Vec::new();

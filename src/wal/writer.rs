@@ -26,7 +26,8 @@
 //! when the disk falls far behind, the kernel throttles writers of dirty pages, and the worker —
 //! with every request it serves — would wait as long. So an inline write that took more than
 //! [`SLOW_WRITE`] sends the writes of the next [`OFFLOAD_FOR`] to the blocking pool (a thread
-//! switch per group, harmless next to a disk that slow), with a warning.
+//! switch per group, harmless next to a disk that slow), with a warning. Direct writes do the
+//! same with their submit, which blocks when the disk's queue is full ([`super::direct`]).
 //!
 //! The writer keeps [`PREALLOCATE_BYTES`] of zeros written ahead of the records, so that a
 //! record overwrites blocks the file already has: its `fdatasync` (or `O_DSYNC` direct write) then
@@ -64,9 +65,10 @@ pub const INLINE_WRITE_BYTES: usize = 256 << 10;
 /// (`--fsync always`, alternating runs): 0 yields ~35k req/s, 1 ~52k, 2 ~59k, 3 ~57k, 4 ~51k, and
 /// yielding until a round stages nothing more ~50k.
 const LINGER_YIELDS: usize = 2;
-/// An inline write slower than this moves writes to the blocking pool (see the module docs).
+/// An inline write (or direct submit) slower than this moves the next ones off the request worker
+/// (see the module docs).
 pub const SLOW_WRITE: Duration = Duration::from_millis(2);
-/// For how long, after a slow inline write, groups are written on the blocking pool.
+/// For how long, after a slow inline write or submit, the writer keeps off the request worker.
 pub const OFFLOAD_FOR: Duration = Duration::from_secs(10);
 /// Zeros written ahead of the records at a time (see the module docs).
 pub const PREALLOCATE_BYTES: u64 = 1 << 20;
@@ -263,7 +265,7 @@ async fn run(shared: Arc<Shared>) {
         }
         let closing = group.closing;
         let (committed, mut buf) = match direct.as_mut() {
-            Some(tail) => commit_direct(&shared, tail, group).await,
+            Some(tail) => commit_direct(&shared, tail, group, &mut offload).await,
             None => write_and_commit(&shared, group, &mut offload).await,
         };
         buf.clear();
@@ -332,9 +334,10 @@ async fn commit_direct(
     shared: &Arc<Shared>,
     tail: &mut DirectTail,
     group: Group,
+    offload: &mut Offload,
 ) -> (Result<(), WalError>, Vec<u8>) {
     let (written, buf) = if group.breaks.is_empty() {
-        let written = write_direct(shared, tail, &group.buf).await;
+        let written = write_direct(shared, tail, &group.buf, offload).await;
         (written, group.buf)
     } else {
         rotate_direct(shared, tail, group.buf, group.breaks).await
@@ -351,10 +354,12 @@ async fn commit_direct(
 }
 
 /// One group after the tail, with direct I/O, after making sure zeros are on disk ahead of it.
+/// Submitted off the worker while an earlier submit's slowness says the disk's queue is full.
 async fn write_direct(
     shared: &Arc<Shared>,
     tail: &mut DirectTail,
     records: &[u8],
+    offload: &mut Offload,
 ) -> Result<(), WalError> {
     #[cfg(test)]
     shared.fail_injected(tail.path())?;
@@ -380,8 +385,20 @@ async fn write_direct(
         .await;
         zeroed.unwrap_or_else(|e| Err(WalError::Broken(format!("pre-allocation failed: {e}"))))?;
     }
-    let file_end = match tail.append(records).await {
-        Ok(end) => end,
+    let how = if offload.active() {
+        #[cfg(test)]
+        shared.off_worker_submits.fetch_add(1, Ordering::Relaxed);
+        direct::Submit::OffWorker
+    } else {
+        direct::Submit::OnWorker
+    };
+    let file_end = match tail.append(records, how).await {
+        Ok((end, submitted)) => {
+            if how == direct::Submit::OnWorker {
+                offload.took(shared, submitted.took, Blocked::DirectSubmit);
+            }
+            end
+        }
         Err(e) => return Err(segment::io_err("write", tail.path())(e)),
     };
     let mut active = shared.active.lock();
@@ -424,10 +441,19 @@ async fn rotate_direct(
     }
 }
 
-/// Until when groups go to the blocking pool because an inline write was slow.
+/// Until when the writer keeps its blocking calls off the request worker, because one on the
+/// worker was slow: page-cache writes go to the blocking pool, direct writes are submitted off
+/// the worker ([`direct::Submit::OffWorker`]).
 #[derive(Default)]
 struct Offload {
     until: Option<Instant>,
+}
+
+/// The call on the worker that was slow.
+#[derive(Clone, Copy, Debug)]
+enum Blocked {
+    PageCacheWrite,
+    DirectSubmit,
 }
 
 impl Offload {
@@ -436,21 +462,25 @@ impl Offload {
             Some(until) if Instant::now() < until => true,
             Some(_) => {
                 self.until = None;
-                tracing::info!("write-ahead log: writing on the request worker again");
+                tracing::info!("write-ahead log: writing from the request worker again");
                 false
             }
             None => false,
         }
     }
 
-    fn took(&mut self, shared: &Shared, elapsed: Duration) {
+    fn took(&mut self, shared: &Shared, elapsed: Duration, call: Blocked) {
         if elapsed > shared.slow_write() {
             let offload_for = shared.offload_for();
             self.until = Some(Instant::now() + offload_for);
+            let what = match call {
+                Blocked::PageCacheWrite => "a write to the page cache",
+                Blocked::DirectSubmit => "submitting a direct write",
+            };
             tracing::warn!(
                 took_ms = elapsed.as_secs_f64() * 1e3,
-                "write-ahead log: a write to the page cache blocked the request worker (the disk \
-                 is falling behind); writing on the blocking pool for {} s",
+                "write-ahead log: {what} blocked the request worker (the disk is falling behind); \
+                 writing off the request worker for {} s",
                 offload_for.as_secs()
             );
         }
@@ -472,7 +502,7 @@ async fn write_group(
     if inline {
         let started = Instant::now();
         let result = write(shared, &buf, &breaks);
-        offload.took(shared, started.elapsed());
+        offload.took(shared, started.elapsed(), Blocked::PageCacheWrite);
         return (result, buf);
     }
     #[cfg(test)]
