@@ -652,8 +652,9 @@ async fn a_follower_reads_behind_concurrent_writers() {
 #[tokio::test]
 async fn a_slow_inline_write_moves_writes_to_the_blocking_pool() {
     // (slow writes, offload ends at once, groups written on the pool): the first group goes to
-    // the pool either way (it writes the zeros ahead), the second is written inline; after it
-    // was slow, the other three go to the pool too, unless the offload is already over.
+    // the pool either way (it writes the zeros ahead), the next three are written inline; after
+    // three slow ones in a row, the other three go to the pool too, unless the offload is already
+    // over.
     for (slow, brief, pool) in [(false, false, 1), (true, false, 4), (true, true, 1)] {
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(dir.path(), FsyncPolicy::Always).unwrap();
@@ -664,7 +665,7 @@ async fn a_slow_inline_write_moves_writes_to_the_blocking_pool() {
         if brief {
             wal.offload_briefly();
         }
-        let written = append_sequentially(&wal, 5, 3).await;
+        let written = append_sequentially(&wal, 7, 3).await;
         assert_eq!(wal.pool_writes(), pool, "slow: {slow}, brief: {brief}");
         assert_eq!(read_all(&wal, 0), written);
         wal.close().await.unwrap();
@@ -673,9 +674,10 @@ async fn a_slow_inline_write_moves_writes_to_the_blocking_pool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_slow_direct_submit_moves_submits_off_the_worker() {
-    // (slow submits, offload ends at once, submits off the worker): the first group's submit runs
-    // on the worker; after it was slow, the other four are submitted off it (on a runtime with a
-    // single worker, whose tasks then move to another thread), unless the offload is already over.
+    // (slow submits, offload ends at once, submits off the worker): the first three groups are
+    // submitted on the worker; after three slow ones in a row, the other four are submitted off it
+    // (on a runtime with a single worker, whose tasks then move to another thread), unless the
+    // offload is already over.
     for (slow, brief, off_worker) in [(false, false, 0), (true, false, 4), (true, true, 0)] {
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(dir.path(), FsyncPolicy::Always).unwrap();
@@ -685,7 +687,7 @@ async fn a_slow_direct_submit_moves_submits_off_the_worker() {
         if brief {
             wal.offload_briefly();
         }
-        let written = append_sequentially(&wal, 5, 3).await;
+        let written = append_sequentially(&wal, 7, 3).await;
         assert!(wal.direct_commits(), "this file system takes direct I/O");
         assert_eq!(
             wal.off_worker_submits(),

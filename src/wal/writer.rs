@@ -24,10 +24,10 @@
 //! [`INLINE_WRITE_BYTES`], or one that starts a new segment (an fsync of the old one and a file
 //! creation), is written on the blocking pool instead. A write to the page cache can still block:
 //! when the disk falls far behind, the kernel throttles writers of dirty pages, and the worker —
-//! with every request it serves — would wait as long. So an inline write that took more than
-//! [`SLOW_WRITE`] sends the writes of the next [`OFFLOAD_FOR`] to the blocking pool (a thread
-//! switch per group, harmless next to a disk that slow), with a warning. Direct writes do the
-//! same with their submit, which blocks when the disk's queue is full ([`super::direct`]).
+//! with every request it serves — would wait as long. So [`SLOW_IN_A_ROW`] inline writes that each
+//! took more than [`SLOW_WRITE`] send the writes of the next [`OFFLOAD_FOR`] to the blocking pool
+//! (a thread switch per group, harmless next to a disk that slow), with a warning. Direct writes
+//! do the same with their submit, which blocks when the disk's queue is full ([`super::direct`]).
 //!
 //! The writer keeps [`PREALLOCATE_BYTES`] of zeros written ahead of the records, so that a
 //! record overwrites blocks the file already has: its `fdatasync` (or `O_DSYNC` direct write) then
@@ -68,7 +68,13 @@ const LINGER_YIELDS: usize = 2;
 /// An inline write (or direct submit) slower than this moves the next ones off the request worker
 /// (see the module docs).
 pub const SLOW_WRITE: Duration = Duration::from_millis(2);
-/// For how long, after a slow inline write or submit, the writer keeps off the request worker.
+/// How many slow calls in a row move the writer off the request worker. One is not enough: a call
+/// on a busy core is now and then slow for a reason that passes (the thread preempted by another of
+/// the server's, a page of the log being read in under a direct write), while a disk far behind
+/// makes every call slow; and the offload costs (on one core, ~20% of the single-position rate
+/// with direct submits handed off).
+pub const SLOW_IN_A_ROW: u32 = 3;
+/// For how long, after slow inline writes or submits, the writer keeps off the request worker.
 pub const OFFLOAD_FOR: Duration = Duration::from_secs(10);
 /// Zeros written ahead of the records at a time (see the module docs).
 pub const PREALLOCATE_BYTES: u64 = 1 << 20;
@@ -447,6 +453,8 @@ async fn rotate_direct(
 #[derive(Default)]
 struct Offload {
     until: Option<Instant>,
+    /// Slow calls since the last quick one.
+    slow_in_a_row: u32,
 }
 
 /// The call on the worker that was slow.
@@ -470,7 +478,8 @@ impl Offload {
     }
 
     fn took(&mut self, shared: &Shared, elapsed: Duration, call: Blocked) {
-        if elapsed > shared.slow_write() {
+        let slow = elapsed > shared.slow_write();
+        if self.count(slow) {
             let offload_for = shared.offload_for();
             self.until = Some(Instant::now() + offload_for);
             let what = match call {
@@ -479,11 +488,25 @@ impl Offload {
             };
             tracing::warn!(
                 took_ms = elapsed.as_secs_f64() * 1e3,
-                "write-ahead log: {what} blocked the request worker (the disk is falling behind); \
-                 writing off the request worker for {} s",
+                "write-ahead log: {what} blocked the request worker {SLOW_IN_A_ROW} times in a \
+                 row (the disk is falling behind); writing off the request worker for {} s",
                 offload_for.as_secs()
             );
         }
+    }
+
+    /// Counts one call; true when it makes [`SLOW_IN_A_ROW`] slow ones in a row.
+    fn count(&mut self, slow: bool) -> bool {
+        if !slow {
+            self.slow_in_a_row = 0;
+            return false;
+        }
+        self.slow_in_a_row += 1;
+        if self.slow_in_a_row < SLOW_IN_A_ROW {
+            return false;
+        }
+        self.slow_in_a_row = 0;
+        true
     }
 }
 
@@ -687,5 +710,30 @@ impl Shared {
         for close in closes {
             let _ = close.send(Err(WalError::Broken(reason.to_string())));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Offload, SLOW_IN_A_ROW};
+
+    #[test]
+    fn only_slow_calls_in_a_row_move_the_writer_off_the_worker() {
+        let mut offload = Offload::default();
+        // A quick call between slow ones starts the count again.
+        for _ in 0..5 {
+            for _ in 1..SLOW_IN_A_ROW {
+                assert!(!offload.count(true));
+            }
+            assert!(!offload.count(false));
+        }
+        for _ in 1..SLOW_IN_A_ROW {
+            assert!(!offload.count(true));
+        }
+        assert!(offload.count(true), "{SLOW_IN_A_ROW} slow calls in a row");
+        assert!(
+            !offload.count(true),
+            "counting starts again after an offload"
+        );
     }
 }
