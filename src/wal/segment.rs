@@ -225,7 +225,7 @@ pub struct SegmentReader {
 /// cache that the next direct write has to invalidate first — waiting, inside its submit on the
 /// request worker, for any that are still being read in (measured: 3–5 ms, five times a second,
 /// with the history follower reading 256 KiB at a time and the kernel's read-ahead past that).
-/// So a reader with an end also asks the kernel for no read-ahead.
+/// So a reader of a file that goes on past its end also asks the kernel for no read-ahead.
 struct Bounded {
     file: File,
     pos: u64,
@@ -264,11 +264,13 @@ impl SegmentReader {
         let path = path(dir, start);
         let file = File::open(&path).map_err(io_err("open", &path))?;
         let file_len = file.metadata().map_err(io_err("stat", &path))?.len();
-        if end.is_some() {
+        let end = end.unwrap_or(file_len);
+        if end < file_len {
+            // The file goes on past what is read: the active segment, whose tail direct writes
+            // rewrite. Sealed segments end where their records do and keep their read-ahead.
             // SAFETY: advice on an open descriptor; no memory is passed.
             unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
         }
-        let end = end.unwrap_or(file_len);
         let bounded = Bounded { file, pos: 0, end };
         let mut file = BufReader::with_capacity(256 << 10, bounded);
         let mut header = [0u8; HEADER_LEN as usize];
