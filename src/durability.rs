@@ -17,6 +17,10 @@
 //! checkpoint): records after the snapshot go to the live index (with their original receipt time, so
 //! TTLs run on), records after the checkpoint go to history. Both are idempotent.
 
+mod gauges;
+
+pub use gauges::DurabilityGauges;
+
 use crate::domain::{now_micros, Micros};
 use crate::history::{History, TrackPage, TrackQuery};
 use crate::live::{snapshot, MemoryIndex};
@@ -24,6 +28,7 @@ use crate::wal::{Batch, FsyncPolicy, Lsn, Wal};
 use anyhow::Context;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,6 +53,8 @@ pub struct Durability {
     /// The log position the follower has appended to history up to (ahead of history's durable
     /// checkpoint, which waits for open 30-second windows to be written).
     followed: Mutex<Lsn>,
+    /// A copy of `followed` for readers that must not wait for a follow pass (metrics).
+    followed_lsn: AtomicU64,
     /// Held for the life of the process: one server per data directory.
     _lock: File,
 }
@@ -156,6 +163,7 @@ impl Durability {
                 history,
                 snapshots,
                 followed,
+                followed_lsn: AtomicU64::new(last),
                 _lock: lock,
             },
             recovered,
@@ -204,6 +212,7 @@ impl Durability {
         if records > 0 {
             self.history.set_checkpoint(last)?;
             *followed = last;
+            self.followed_lsn.store(last, Ordering::Relaxed);
         }
         if persist {
             self.history.persist()?;
@@ -255,5 +264,48 @@ impl Durability {
 
     pub fn disk_bytes(&self) -> u64 {
         self.wal.disk_bytes() + self.history.disk_bytes()
+    }
+
+    /// Bytes of acknowledged log records the follower has not yet appended to history.
+    pub fn history_lag_bytes(&self) -> u64 {
+        let followed = self.followed_lsn.load(Ordering::Relaxed);
+        self.wal.end_lsn().saturating_sub(followed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Position, Status};
+
+    #[tokio::test]
+    async fn history_lag_is_what_the_follower_has_not_appended_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = MemoryIndex::new(Duration::from_secs(60));
+        let (durability, _) = Durability::open(dir.path(), FsyncPolicy::Always, &index).unwrap();
+        assert_eq!(durability.history_lag_bytes(), 0);
+        let position = Position {
+            driver_id: "lag".into(),
+            lat_e6: 52_500_000,
+            lon_e6: 13_400_000,
+            status: Status::Online,
+            timestamp: now_micros(),
+            speed_mps: None,
+            heading_deg: None,
+            accuracy_m: None,
+        };
+        let batch = Batch {
+            received_at: now_micros(),
+            positions: vec![position],
+        };
+        let end = durability.append(&batch).await.unwrap();
+        assert_eq!(
+            durability.history_lag_bytes(),
+            end,
+            "the whole record is behind"
+        );
+        assert_eq!(durability.follow_once().unwrap(), 1);
+        assert_eq!(durability.history_lag_bytes(), 0, "caught up");
+        durability.close().await.unwrap();
     }
 }

@@ -13,9 +13,11 @@
 //! | `ingest_connections` | gauge | — |
 //! | `ingest_messages_total` | counter | `result` (`ack`, `error`) |
 //! | `ingest_connections_closed_total` | counter | `reason` (`client`, `shutdown`, `policy`, `error`) |
+//! | `wal_commits_total`, `wal_disk_bytes`, `history_disk_bytes`, `history_lag_bytes`, `wal_writing_off_worker` | counter, gauges | — |
 //!
 //! The stream and ingest series are registered (through [`Metrics::counter`] and
-//! [`Metrics::gauge`]) by [`crate::hub`], which keeps their handles.
+//! [`Metrics::gauge`]) by [`crate::hub`], which keeps their handles; the log and history series by
+//! [`crate::durability::DurabilityGauges`], only when there is a log (not with `--fsync off`).
 //!
 //! No label carries a driver id or any other unbounded value: routes are templates, unknown paths
 //! are `unmatched`, unknown methods `other`.

@@ -4,7 +4,7 @@
 use crate::api;
 use crate::backend::redis::{RedisConn, RedisTarget};
 use crate::config::{FsyncSetting, HistoryStoreKind, LiveStoreKind, LogFormat, ServeConfig};
-use crate::durability::{Durability, Retention, FOLLOW_INTERVAL};
+use crate::durability::{Durability, DurabilityGauges, Retention, FOLLOW_INTERVAL};
 use crate::history::postgres::{
     run_worker, PgHistory, PositionStream, RetentionSettings, WorkerSettings,
 };
@@ -295,6 +295,11 @@ fn spawn_durability_jobs(tracker: &Arc<Tracker>, config: &ServeConfig) {
     let d = durability.clone();
     every(FOLLOW_INTERVAL, "history follower", move || {
         d.follow_once().map(|_| ())
+    });
+    let (d, gauges) = (durability.clone(), DurabilityGauges::new(tracker.metrics()));
+    every(Duration::from_secs(1), "durability metrics", move || {
+        gauges.update(&d);
+        Ok(())
     });
     let (d, t) = (durability.clone(), tracker.clone());
     let empty = MemoryIndex::new(config.driver_ttl);

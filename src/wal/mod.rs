@@ -151,6 +151,8 @@ struct Shared {
     synced: AtomicU64,
     disk_bytes: AtomicU64,
     fsyncs: AtomicU64,
+    /// Until when the writer keeps its disk calls off the request worker (see [`writer`]).
+    off_worker_until: Mutex<Option<std::time::Instant>>,
     /// Appends waiting for the writer, and the log's life cycle.
     stage: Mutex<Stage>,
     /// Wakes the writer task when a group starts or a close is asked for.
@@ -272,6 +274,7 @@ impl Wal {
             synced: AtomicU64::new(recovered.end),
             disk_bytes: AtomicU64::new(recovered.disk_bytes),
             fsyncs: AtomicU64::new(0),
+            off_worker_until: Mutex::new(None),
             stage: Mutex::new(Stage::new(recovered.end, active)),
             wake: Notify::new(),
             active: Mutex::new(Active {
@@ -384,6 +387,13 @@ impl Wal {
     /// How many fsyncs the writer has done since open (for metrics, and to show group commit).
     pub fn fsync_count(&self) -> u64 {
         self.inner.shared.fsyncs.load(Ordering::Relaxed)
+    }
+
+    /// Whether the writer keeps its disk calls off the request worker, because recent ones on it
+    /// were slow (the disk falling behind).
+    pub fn writing_off_worker(&self) -> bool {
+        let until = *self.inner.shared.off_worker_until.lock();
+        until.is_some_and(|until| std::time::Instant::now() < until)
     }
 
     /// Writes and fsyncs everything appended before it, then stops the writer: later appends fail

@@ -695,6 +695,11 @@ async fn a_slow_direct_submit_moves_submits_off_the_worker() {
             "slow: {slow}, brief: {brief}"
         );
         assert_eq!(
+            wal.writing_off_worker(),
+            slow && !brief,
+            "what metrics show"
+        );
+        assert_eq!(
             wal.pool_writes(),
             0,
             "direct commits write nothing on the pool"

@@ -482,6 +482,7 @@ impl Offload {
         if self.count(slow) {
             let offload_for = shared.offload_for();
             self.until = Some(Instant::now() + offload_for);
+            *shared.off_worker_until.lock() = self.until;
             let what = match call {
                 Blocked::PageCacheWrite => "a write to the page cache",
                 Blocked::DirectSubmit => "submitting a direct write",

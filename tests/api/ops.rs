@@ -4,6 +4,7 @@ use crate::support::*;
 use reqwest::StatusCode;
 use serde_json::json;
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 #[tokio::test]
 async fn health_and_ready() {
@@ -92,6 +93,46 @@ async fn metrics_expose_the_documented_series() {
     assert!(text.contains(r#"le="0.001""#), "real buckets expected");
     // No driver id ever becomes a label value.
     assert!(!text.contains("m1") && !text.contains("none\""), "{text}");
+}
+
+#[tokio::test]
+async fn metrics_show_the_durable_store() {
+    let s = Server::start();
+    for i in 0..3 {
+        s.report(json!({"driver_id": format!("d{i}"), "latitude": 1, "longitude": 1}))
+            .await;
+    }
+    // Set once a second from the log and history: wait for a round that saw the reports and a
+    // follower that caught up with them.
+    let shows_them = |text: &str| {
+        let at = |series| sample(text, series);
+        at("wal_commits_total").is_some_and(|c| c >= 1.0)
+            && at("wal_disk_bytes").is_some_and(|b| b > 0.0)
+            && at("history_disk_bytes").is_some_and(|b| b > 0.0)
+            && at("history_lag_bytes") == Some(0.0)
+            && at("wal_writing_off_worker") == Some(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let last = loop {
+        let text = s.get("/metrics").await.text().await.unwrap();
+        if shows_them(&text) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no durability series:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for series in ["wal_commits_total", "history_lag_bytes"] {
+        assert!(last.contains(&format!("# HELP {series} ")), "{last}");
+    }
+    // With durability off there is no log to describe.
+    let off = Server::start_with(&["--fsync", "off"], &[]);
+    off.report(json!({"driver_id": "o", "latitude": 1, "longitude": 1}))
+        .await;
+    let text = off.get("/metrics").await.text().await.unwrap();
+    assert!(
+        !text.contains("wal_") && !text.contains("history_lag"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
