@@ -2,6 +2,10 @@
 //!
 //! Data flows one way: `api` (decode, validate) → `tracker` (apply) → `live` (latest position per
 //! driver, by grid cell). `domain` and `geo` hold the vocabulary and the math and do no I/O.
+//!
+//! The module docs explain a design down to its private parts and link to them: read them with
+//! `cargo doc --no-deps --document-private-items --open`, where every link resolves.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod api;
 pub mod backend;
