@@ -391,7 +391,7 @@ async fn write_direct(
         .await;
         zeroed.unwrap_or_else(|e| Err(WalError::Broken(format!("pre-allocation failed: {e}"))))?;
     }
-    let how = if offload.active() {
+    let how = if offload.active(shared) {
         #[cfg(test)]
         shared.off_worker_submits.fetch_add(1, Ordering::Relaxed);
         direct::Submit::OffWorker
@@ -447,12 +447,12 @@ async fn rotate_direct(
     }
 }
 
-/// Until when the writer keeps its blocking calls off the request worker, because one on the
-/// worker was slow: page-cache writes go to the blocking pool, direct writes are submitted off
-/// the worker ([`direct::Submit::OffWorker`]).
+/// Whether the writer keeps its blocking calls off the request worker, because calls on the
+/// worker were slow: page-cache writes go to the blocking pool, direct writes are submitted off
+/// the worker ([`direct::Submit::OffWorker`]). Until when is [`Shared::off_worker_until`], which
+/// metrics read too.
 #[derive(Default)]
 struct Offload {
-    until: Option<Instant>,
     /// Slow calls since the last quick one.
     slow_in_a_row: u32,
 }
@@ -465,11 +465,12 @@ enum Blocked {
 }
 
 impl Offload {
-    fn active(&mut self) -> bool {
-        match self.until {
-            Some(until) if Instant::now() < until => true,
+    fn active(&self, shared: &Shared) -> bool {
+        let mut until = shared.off_worker_until.lock();
+        match *until {
+            Some(end) if Instant::now() < end => true,
             Some(_) => {
-                self.until = None;
+                *until = None;
                 tracing::info!("write-ahead log: writing from the request worker again");
                 false
             }
@@ -481,8 +482,7 @@ impl Offload {
         let slow = elapsed > shared.slow_write();
         if self.count(slow) {
             let offload_for = shared.offload_for();
-            self.until = Some(Instant::now() + offload_for);
-            *shared.off_worker_until.lock() = self.until;
+            *shared.off_worker_until.lock() = Some(Instant::now() + offload_for);
             let what = match call {
                 Blocked::PageCacheWrite => "a write to the page cache",
                 Blocked::DirectSubmit => "submitting a direct write",
@@ -522,7 +522,7 @@ async fn write_group(
     let inline = breaks.is_empty()
         && buf.len() <= INLINE_WRITE_BYTES
         && !shared.active.lock().needs_room(buf.len())
-        && !offload.active();
+        && !offload.active(shared);
     if inline {
         let started = Instant::now();
         let result = write(shared, &buf, &breaks);
