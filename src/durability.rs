@@ -50,11 +50,12 @@ pub struct Durability {
     wal: Wal,
     history: Arc<History>,
     snapshots: PathBuf,
+    /// One follow pass at a time (the periodic follower, track queries catching history up).
+    following: Mutex<()>,
     /// The log position the follower has appended to history up to (ahead of history's durable
-    /// checkpoint, which waits for open 30-second windows to be written).
-    followed: Mutex<Lsn>,
-    /// A copy of `followed` for readers that must not wait for a follow pass (metrics).
-    followed_lsn: AtomicU64,
+    /// checkpoint, which waits for open 30-second windows to be written). Written under
+    /// `following`; read without it (metrics must not wait for a pass).
+    followed: AtomicU64,
     /// Held for the life of the process: one server per data directory.
     _lock: File,
 }
@@ -156,14 +157,13 @@ impl Durability {
             history.persist().context("persisting history")?;
         }
         recovered.took = started.elapsed();
-        let followed = Mutex::new(last);
         Ok((
             Durability {
                 wal,
                 history,
                 snapshots,
-                followed,
-                followed_lsn: AtomicU64::new(last),
+                following: Mutex::new(()),
+                followed: AtomicU64::new(last),
                 _lock: lock,
             },
             recovered,
@@ -197,13 +197,14 @@ impl Durability {
     }
 
     fn follow(&self, persist: bool) -> anyhow::Result<u64> {
-        let mut followed = self
-            .followed
+        let _pass = self
+            .following
             .lock()
             .map_err(|_| anyhow::anyhow!("follower poisoned"))?;
         let mut records = 0;
-        let mut last = *followed;
-        for record in self.wal.read_from(*followed)? {
+        let followed = self.followed.load(Ordering::Relaxed);
+        let mut last = followed;
+        for record in self.wal.read_from(followed)? {
             let (lsn, batch) = record?;
             self.history.append(&batch.positions)?;
             last = lsn;
@@ -211,8 +212,7 @@ impl Durability {
         }
         if records > 0 {
             self.history.set_checkpoint(last)?;
-            *followed = last;
-            self.followed_lsn.store(last, Ordering::Relaxed);
+            self.followed.store(last, Ordering::Relaxed);
         }
         if persist {
             self.history.persist()?;
@@ -268,7 +268,7 @@ impl Durability {
 
     /// Bytes of acknowledged log records the follower has not yet appended to history.
     pub fn history_lag_bytes(&self) -> u64 {
-        let followed = self.followed_lsn.load(Ordering::Relaxed);
+        let followed = self.followed.load(Ordering::Relaxed);
         self.wal.end_lsn().saturating_sub(followed)
     }
 }
