@@ -4,7 +4,7 @@ use crate::support::*;
 use reqwest::StatusCode;
 use serde_json::json;
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[tokio::test]
 async fn health_and_ready() {
@@ -104,25 +104,21 @@ async fn metrics_show_the_durable_store() {
     }
     // Set once a second from the log and history: wait for a round that saw the reports and a
     // follower that caught up with them.
-    let shows_them = |text: &str| {
-        let at = |series| sample(text, series);
+    let shows_them = |text: String| {
+        let at = |series| sample(&text, series);
         at("wal_commits_total").is_some_and(|c| c >= 1.0)
             && at("wal_disk_bytes").is_some_and(|b| b > 0.0)
             && at("history_disk_bytes").is_some_and(|b| b > 0.0)
             && at("history_lag_bytes") == Some(0.0)
             && at("wal_writing_off_worker") == Some(0.0)
     };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let last = loop {
-        let text = s.get("/metrics").await.text().await.unwrap();
-        if shows_them(&text) {
-            break text;
-        }
-        assert!(Instant::now() < deadline, "no durability series:\n{text}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    eventually(Duration::from_secs(15), "the durability series", || async {
+        shows_them(s.get("/metrics").await.text().await.unwrap())
+    })
+    .await;
+    let text = s.get("/metrics").await.text().await.unwrap();
     for series in ["wal_commits_total", "history_lag_bytes"] {
-        assert!(last.contains(&format!("# HELP {series} ")), "{last}");
+        assert!(text.contains(&format!("# HELP {series} ")), "{text}");
     }
     // With durability off there is no log to describe.
     let off = Server::start_with(&["--fsync", "off"], &[]);
