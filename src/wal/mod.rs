@@ -180,6 +180,9 @@ struct Shared {
     /// Direct writes submitted off the request worker.
     #[cfg(test)]
     off_worker_submits: AtomicU64,
+    /// Direct writes whose completion the writer polled for.
+    #[cfg(test)]
+    polled_commits: AtomicU64,
 }
 
 impl Shared {
@@ -299,6 +302,8 @@ impl Wal {
             pool_writes: Default::default(),
             #[cfg(test)]
             off_worker_submits: Default::default(),
+            #[cfg(test)]
+            polled_commits: Default::default(),
         });
         shared.syncer.attach(Arc::downgrade(&shared));
         Ok(Wal {
@@ -448,6 +453,12 @@ impl Wal {
     #[cfg(test)]
     fn off_worker_submits(&self) -> u64 {
         self.inner.shared.off_worker_submits.load(Ordering::Relaxed)
+    }
+
+    /// Direct writes whose completion the writer polled for so far.
+    #[cfg(test)]
+    fn polled_commits(&self) -> u64 {
+        self.inner.shared.polled_commits.load(Ordering::Relaxed)
     }
 
     /// Commits through the page cache and the fsync thread even where direct I/O works; call

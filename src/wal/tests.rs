@@ -793,3 +793,38 @@ async fn a_direct_commit_larger_than_the_kept_buffer_is_followed_by_small_ones()
     let wal = Wal::open(dir.path(), FsyncPolicy::Always).unwrap();
     assert_eq!(read_all(&wal, 0), written);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn large_groups_poll_for_their_write_and_single_appends_sleep() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), FsyncPolicy::Always).unwrap();
+    // One append at a time (light load): groups of one, whose writes are slept on.
+    let mut written = append_sequentially(&wal, 20, 2).await;
+    assert!(wal.direct_commits(), "this file system takes direct I/O");
+    assert_eq!(wal.polled_commits(), 0, "a quiet log polls for nothing");
+    // 64 appenders at once on the only worker: they stage before the writer takes a group, so
+    // the groups are large, and their writes are polled for.
+    let appenders: Vec<_> = (0..64)
+        .map(|n| {
+            let wal = wal.clone();
+            tokio::spawn(async move {
+                let b = batch(1000 + n, 2);
+                (wal.append(&b).await.unwrap(), b)
+            })
+        })
+        .collect();
+    for appender in appenders {
+        written.push(appender.await.unwrap());
+    }
+    assert!(
+        wal.polled_commits() > 0,
+        "no group of 64 appends was polled for"
+    );
+    written.sort_by_key(|(lsn, _)| *lsn);
+    assert_eq!(read_all(&wal, 0), written);
+    drop(wal);
+    // Reopened as after a crash: every polled-for write is on disk.
+    let wal = Wal::open(dir.path(), FsyncPolicy::Always).unwrap();
+    assert_eq!(read_all(&wal, 0), written);
+    wal.close().await.unwrap();
+}
