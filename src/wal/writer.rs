@@ -9,10 +9,10 @@
 //! Under `FsyncPolicy::Always` the writer commits the group itself with one asynchronous direct
 //! write ([`super::direct`]) and answers it when the write completes; the next group stages
 //! meanwhile, and goes out as soon as the write is done, without lingering (the write's flight was
-//! its linger). Where the file system refuses direct
-//! I/O, the group is written to the page cache and goes to the [`super::syncer`] thread, which
-//! answers it after the fsync that covers it, while the next group is already being staged and
-//! written. Under `Interval` the writer writes to the page cache and answers at once.
+//! its linger). Where the file system refuses direct I/O, the group is written to the page cache
+//! and goes to the [`super::syncer`] thread, which answers it after the fsync that covers it, while
+//! the next group is already being staged and written. Under `Interval` the writer writes to the
+//! page cache and answers at once.
 //!
 //! Why a task and not a writer thread (the first design): with the server on one core, every
 //! append made the request worker and a writer thread take turns — the worker ran out of work,
