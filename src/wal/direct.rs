@@ -41,9 +41,10 @@
 //! `io_submit` normally returns in microseconds, but it blocks when the disk's request queue is
 //! full (another process, or our own snapshot's writeback, saturating the disk), and the request
 //! worker would wait with it. So each submit is timed, and after a few slow ones in a row the
-//! writer submits [`Submit::OffWorker`] for a while (`writer::Offload`, as the page-cache path does with its
-//! writes): the worker's other tasks move to another thread first (`block_in_place`), and the
-//! requests go on being served while the submit waits for room in the queue.
+//! writer submits [`Submit::OffWorker`] for a while (`writer::Offload`, as the page-cache path
+//! does with its writes): the worker's other tasks move to another thread first
+//! (`block_in_place`), and the requests go on being served while the submit waits for room in the
+//! queue.
 
 use super::writer::KEEP_BUFFER_BYTES;
 use std::alloc::{self, Layout};
