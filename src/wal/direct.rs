@@ -32,11 +32,15 @@
 //! in flight (every connection waits on it or on its client), and a write takes far longer under
 //! load than alone: ~500 µs on average in the benchmark against ~110 µs for the same write on an
 //! idle machine (`fio`), because its completion (the cache flush `O_DSYNC` asks for) runs in a
-//! kernel worker on the core that takes the disk's interrupts, which the load keeps busy. Sleeping
-//! then parks the worker, and on a virtual machine halts the virtual CPU: the wake-up costs a VM
-//! exit, and the core comes back with its caches cooled by whatever the host ran meanwhile.
-//! Measured with 64 connections on one core (BENCHMARKS.md, issue 3): +6–9% requests/s. A small
-//! group (light load) sleeps as before, so a quiet server does not burn its core polling.
+//! kernel worker on the core that takes the disk's interrupts, which the load keeps busy (traced:
+//! the data and the flush take ~150 µs; the rest is that worker's second turn, after the flush, to
+//! post the completion). A synchronous `pwrite` would issue and wait for the flush in our own
+//! thread, with no kernel worker, but it blocks the request worker, or needs a second thread taking
+//! turns with it on the core: both measured worse (BENCHMARKS.md, issue 3). Sleeping then parks the
+//! worker, and on a virtual machine halts the virtual CPU: the wake-up costs a VM exit, and the
+//! core comes back with its caches cooled by whatever the host ran meanwhile. Measured with 64
+//! connections on one core (BENCHMARKS.md, issue 3): +6–9% requests/s. A small group (light load)
+//! sleeps as before, so a quiet server does not burn its core polling.
 //!
 //! `io_submit` normally returns in microseconds, but it blocks when the disk's request queue is
 //! full (another process, or our own snapshot's writeback, saturating the disk), and the request
