@@ -303,14 +303,10 @@ impl DirectFile {
     async fn sleep_until_done(&self, flight: &mut InFlight) -> io::Result<IoEvent> {
         loop {
             let mut ready = self.done.readable().await?;
-            let mut count = [0u8; 8];
-            // SAFETY: reads the eventfd's 8-byte counter into `count`.
-            let n =
-                unsafe { libc::read(ready.get_inner().as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+            let drained = self.drain_signals();
             // Drained (or never signalled): the next signal is a new readiness event.
             ready.clear_ready();
-            if n < 0 {
-                let e = io::Error::last_os_error();
+            if let Err(e) = drained {
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
@@ -323,6 +319,24 @@ impl DirectFile {
                 return Ok(event);
             }
         }
+    }
+
+    /// Reads and resets the eventfd's count of completions signalled (non-blocking: `WouldBlock`
+    /// when none is).
+    fn drain_signals(&self) -> io::Result<u64> {
+        let mut count = [0u8; 8];
+        // SAFETY: reads the eventfd's 8-byte counter into `count`.
+        let n = unsafe {
+            libc::read(
+                self.done.get_ref().as_raw_fd(),
+                count.as_mut_ptr().cast(),
+                8,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(u64::from_ne_bytes(count))
     }
 }
 
@@ -604,7 +618,6 @@ mod tests {
         off_worker, AioContext, AlignedBuf, CompletionRing, DirectFile, InFlight, Submit, Wait,
         BLOCK,
     };
-    use std::os::fd::AsRawFd;
     use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     use std::sync::Arc;
@@ -647,20 +660,7 @@ mod tests {
 
     /// What the eventfd holds now: completions signalled and not drained (0 when drained).
     fn undrained_signals(file: &DirectFile) -> u64 {
-        let mut count = [0u8; 8];
-        // SAFETY: reads the eventfd's 8-byte counter into `count` (non-blocking).
-        let n = unsafe {
-            libc::read(
-                file.done.get_ref().as_raw_fd(),
-                count.as_mut_ptr().cast(),
-                8,
-            )
-        };
-        if n == 8 {
-            u64::from_ne_bytes(count)
-        } else {
-            0
-        }
+        file.drain_signals().unwrap_or(0)
     }
 
     #[tokio::test]
