@@ -21,3 +21,10 @@ else:
 print(f"{time.time() - t0:.2f}")
 PY
 }
+
+# Waits until URL answers HTTP at all (any status: the peers' servers have no /ready). Fails after
+# 30 s.
+wait_http() {
+  for _ in $(seq 1 600); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done
+  echo "no HTTP answer from $1 after 30 s" >&2; exit 1
+}
