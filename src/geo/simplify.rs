@@ -111,7 +111,8 @@ pub fn track_distance_m(points: &[(i32, i32)]) -> f64 {
                 f64::from(leg[1].1) / 1e6,
             )
         })
-        .sum()
+        // Not `.sum()`: a float sum of nothing is -0.0, which clients would see as "-0.0".
+        .fold(0.0, |total, leg| total + leg)
 }
 
 #[cfg(test)]
@@ -120,6 +121,14 @@ mod tests {
 
     /// Metres per micro-degree of latitude.
     const M_PER_E6: f64 = EARTH_RADIUS_M * RAD_PER_E6;
+
+    #[test]
+    fn a_track_without_legs_has_a_distance_of_plus_zero() {
+        for points in [&[][..], &[(31_200_000, 121_400_000)][..]] {
+            let d = track_distance_m(points);
+            assert!(d == 0.0 && d.is_sign_positive(), "{points:?}: {d:?}");
+        }
+    }
 
     #[test]
     fn short_tracks_are_kept_whole() {

@@ -210,6 +210,10 @@ async fn track_parameter_errors_name_each_parameter() {
     let empty = json(s.get("/v1/drivers/nobody/track").await).await;
     assert_eq!(empty["points"], json!([]));
     assert_eq!(empty["distance_m"], 0.0);
+    // -0.0 compares equal to 0.0: check the sign a client would read.
+    assert!(empty["distance_m"]
+        .as_f64()
+        .is_some_and(f64::is_sign_positive));
 }
 
 #[tokio::test]
