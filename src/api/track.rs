@@ -1,4 +1,9 @@
 //! `GET /v1/drivers/{driver_id}/track`: where a driver went, for playback, distance and disputes.
+//!
+//! Paging: a page that is not the last carries `next_cursor` (in the JSON body, and in the GeoJSON
+//! Feature's properties) and, in every format, a `Link: <…>; rel="next"` header (RFC 8288) naming
+//! the next page's request with the window pinned, since a GPX document has nowhere to put a
+//! cursor and a default `to` of "now" would move between pages.
 
 use super::auth::Caller;
 use super::drivers::check_driver_id;
@@ -8,8 +13,8 @@ use super::AppState;
 use crate::domain::{format_rfc3339, now_micros, parse_rfc3339, FieldError, Micros, Status};
 use crate::geo::{simplify_indices, track_distance_m};
 use crate::history::{format as track_format, TrackPoint, TrackQuery};
-use axum::extract::{Path, State};
-use axum::http::header::CONTENT_TYPE;
+use axum::extract::{OriginalUri, Path, State};
+use axum::http::header::{CONTENT_TYPE, LINK};
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -50,6 +55,16 @@ enum Format {
     Gpx,
 }
 
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::GeoJson => "geojson",
+            Format::Gpx => "gpx",
+        }
+    }
+}
+
 /// One point of a track.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TrackPointBody {
@@ -83,6 +98,11 @@ pub struct TrackResponse {
 
 struct Checked {
     query: TrackQuery,
+    shape: Shape,
+}
+
+/// How the points are given back.
+struct Shape {
     simplify_m: Option<f64>,
     format: Format,
 }
@@ -156,8 +176,7 @@ impl TrackParams {
         };
         Ok(Checked {
             query,
-            simplify_m,
-            format,
+            shape: Shape { simplify_m, format },
         })
     }
 }
@@ -173,6 +192,26 @@ fn point_body(p: &TrackPoint) -> TrackPointBody {
     }
 }
 
+/// The `Link` header value naming the page after this one: the same path, the window this page was
+/// cut from (explicit, so "now" does not move), the same limit, format and tolerance, and `cursor`.
+fn next_link(path: &str, query: &TrackQuery, shape: &Shape, cursor: &str) -> String {
+    let mut link = format!(
+        "<{path}?from={}&to={}&limit={}&cursor={cursor}",
+        format_rfc3339(query.from),
+        format_rfc3339(query.to),
+        query.limit,
+    );
+    if shape.format != Format::Json {
+        link.push_str("&format=");
+        link.push_str(shape.format.name());
+    }
+    if let Some(m) = shape.simplify_m {
+        link.push_str(&format!("&simplify_m={m}"));
+    }
+    link.push_str(">; rel=\"next\"");
+    link
+}
+
 fn with_type(body: impl IntoResponse, content_type: &'static str) -> Response {
     let mut response = body.into_response();
     response
@@ -186,7 +225,8 @@ fn with_type(body: impl IntoResponse, content_type: &'static str) -> Response {
     get, path = "/v1/drivers/{driver_id}/track", tag = "drivers",
     params(("driver_id" = String, Path, description = "The driver's id"), TrackParams),
     responses(
-        (status = 200, description = "The track (JSON; `format=geojson` gives a GeoJSON Feature, `format=gpx` GPX 1.1)", body = TrackResponse),
+        (status = 200, description = "The track (JSON; `format=geojson` gives a GeoJSON Feature, `format=gpx` GPX 1.1). A page with more after it has a `Link: <…>; rel=\"next\"` header in every format", body = TrackResponse,
+            headers(("Link" = String, description = "`<next page's path and query>; rel=\"next\"`, only when more points follow"))),
         (status = 422, description = "Invalid parameters or cursor, one detail per parameter", body = super::error::ErrorResponse),
         (status = 503, description = "History is not available (durability is off)", body = super::error::ErrorResponse),
     )
@@ -195,14 +235,15 @@ pub async fn track(
     State(state): State<AppState>,
     Caller(caller): Caller,
     Path(driver_id): Path<String>,
+    OriginalUri(uri): OriginalUri,
     QueryParams(params): QueryParams<TrackParams>,
 ) -> Result<Response, ApiError> {
     check_driver_id(&driver_id)?;
-    let checked = params.check(driver_id)?;
-    let mut query = checked.query;
+    let Checked { mut query, shape } = params.check(driver_id)?;
     let mut stored = query.clone();
     stored.driver_id = crate::domain::tenant::internal(&caller.tenant, &query.driver_id).into();
     let page = state.tracker.track(stored).await?;
+    let link = (page.next_cursor.as_deref()).map(|c| next_link(uri.path(), &query, &shape, c));
     // The cursor names the stored (tenant's) id; the answer shows the tenant's own.
     query.driver_id = crate::domain::tenant::external(&query.driver_id).to_string();
     let coords: Vec<(i32, i32)> = page.points.iter().map(|p| (p.lat_e6, p.lon_e6)).collect();
@@ -211,20 +252,21 @@ pub async fn track(
         (Some(a), Some(b)) => (b.timestamp - a.timestamp) as f64 / 1e6,
         _ => 0.0,
     };
-    let points: Vec<TrackPoint> = match checked.simplify_m {
+    let points: Vec<TrackPoint> = match shape.simplify_m {
         Some(m) if m > 0.0 => simplify_indices(&coords, m)
             .into_iter()
             .map(|i| page.points[i])
             .collect(),
         _ => page.points,
     };
-    Ok(match checked.format {
+    let mut response = match shape.format {
         Format::GeoJson => with_type(
             Json(track_format::geojson_feature(
                 &query.driver_id,
                 &points,
                 distance_m,
                 duration_s,
+                page.next_cursor.as_deref(),
             )),
             "application/geo+json",
         ),
@@ -242,5 +284,9 @@ pub async fn track(
             next_cursor: page.next_cursor,
         })
         .into_response(),
-    })
+    };
+    if let Some(value) = link.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        response.headers_mut().insert(LINK, value);
+    }
+    Ok(response)
 }

@@ -11,12 +11,14 @@ use serde_json::{json, Value};
 use std::fmt::Write;
 
 /// A GeoJSON Feature of the track: `[lon, lat]` coordinates, and `driver_id`, `timestamps` (RFC
-/// 3339, one per coordinate), `distance_m` and `duration_s` in its properties.
+/// 3339, one per coordinate), `distance_m`, `duration_s` and `next_cursor` (null on the last page)
+/// in its properties.
 pub fn geojson_feature(
     driver_id: &str,
     points: &[TrackPoint],
     distance_m: f64,
     duration_s: f64,
+    next_cursor: Option<&str>,
 ) -> Value {
     let coordinates: Vec<Value> = points
         .iter()
@@ -36,6 +38,7 @@ pub fn geojson_feature(
             "timestamps": timestamps,
             "distance_m": distance_m,
             "duration_s": duration_s,
+            "next_cursor": next_cursor,
         }
     })
 }
@@ -108,7 +111,7 @@ mod tests {
 
     #[test]
     fn geojson_is_a_linestring_feature_lon_first() {
-        let feature = geojson_feature("drv-1", &track(), 123.5, 2.5);
+        let feature = geojson_feature("drv-1", &track(), 123.5, 2.5, Some("abc"));
         assert_eq!(feature["type"], "Feature");
         assert_eq!(feature["geometry"]["type"], "LineString");
         assert_eq!(
@@ -123,18 +126,24 @@ mod tests {
         );
         assert_eq!(props["distance_m"], 123.5);
         assert_eq!(props["duration_s"], 2.5);
+        assert_eq!(props["next_cursor"], "abc");
     }
 
     #[test]
     fn short_tracks_are_still_valid_geojson() {
-        let one = geojson_feature("d", &track()[..1], 0.0, 0.0);
+        let one = geojson_feature("d", &track()[..1], 0.0, 0.0, None);
         assert_eq!(
             one["geometry"],
             json!({"type": "Point", "coordinates": [121.4737, 31.2304]})
         );
-        let none = geojson_feature("d", &[], 0.0, 0.0);
+        let none = geojson_feature("d", &[], 0.0, 0.0, None);
         assert_eq!(none["geometry"], Value::Null);
         assert_eq!(none["properties"]["timestamps"], json!([]));
+        assert_eq!(
+            none["properties"]["next_cursor"],
+            Value::Null,
+            "the last page"
+        );
     }
 
     #[test]

@@ -140,6 +140,64 @@ async fn paging_with_cursor_returns_every_point_once() {
     assert_eq!(detail_fields(&body), ["cursor"]);
 }
 
+/// The path and query of a `Link: <…>; rel="next"` header.
+fn next_link(header: &str) -> String {
+    let inner = header
+        .strip_suffix("; rel=\"next\"")
+        .unwrap_or_else(|| panic!("{header}"));
+    let path = inner.strip_prefix('<').and_then(|p| p.strip_suffix('>'));
+    path.unwrap_or_else(|| panic!("{header}")).to_string()
+}
+
+/// GPX has no field for a cursor: every format pages by its `Link` header, which pins the window
+/// (the default `to` is "now", which moves between pages) and keeps the format.
+#[tokio::test]
+async fn every_format_pages_by_its_link_header() {
+    let s = Server::start();
+    let half_an_hour_ago = (chrono::Utc::now().timestamp() - 1800) * 1_000_000;
+    report_track_at(&s, "linked", half_an_hour_ago, 0..250).await;
+    for format in ["json", "geojson", "gpx"] {
+        let mut next = Some(format!(
+            "/v1/drivers/linked/track?limit=100&format={format}"
+        ));
+        let (mut pages, mut points) = (0, 0);
+        while let Some(path) = next.take() {
+            pages += 1;
+            assert!(pages <= 3, "{format}: more pages than 250 points need");
+            let r = s.get(&path).await;
+            assert_eq!(r.status(), StatusCode::OK, "{path}");
+            next = r
+                .headers()
+                .get("link")
+                .map(|v| next_link(v.to_str().unwrap()));
+            if let Some(link) = &next {
+                assert!(link.starts_with("/v1/drivers/linked/track?from="), "{link}");
+                assert!(
+                    link.contains("&to=") && link.contains("&limit=100"),
+                    "{link}"
+                );
+            }
+            let body = r.text().await.unwrap();
+            points += match format {
+                "gpx" => body.matches("<trkpt").count(),
+                _ => {
+                    let value: Value = serde_json::from_str(&body).unwrap();
+                    let cursor = match format {
+                        "geojson" => &value["properties"]["next_cursor"],
+                        _ => &value["next_cursor"],
+                    };
+                    assert_eq!(cursor.is_string(), next.is_some(), "{format}: {value}");
+                    match format {
+                        "geojson" => value["properties"]["timestamps"].as_array().unwrap().len(),
+                        _ => timestamps(&value).len(),
+                    }
+                }
+            };
+        }
+        assert_eq!((pages, points), (3, 250), "{format}");
+    }
+}
+
 #[tokio::test]
 async fn simplify_geojson_and_gpx() {
     let s = Server::start();
