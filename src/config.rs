@@ -422,8 +422,54 @@ pub struct RetentionArgs {
     pub cold_retention: Duration,
 
     /// Douglas–Peucker tolerance, in metres, of the simplified (cold) tracks.
-    #[arg(long, env = "FLEET_COLD_SIMPLIFY_M", default_value_t = 5.0)]
+    #[arg(long, env = "FLEET_COLD_SIMPLIFY_M", default_value_t = 5.0, value_parser = parse_tolerance_m)]
     pub cold_simplify_m: f64,
+}
+
+impl RetentionArgs {
+    /// What one flag cannot check alone: full history must not outlive the age past which history
+    /// is deleted.
+    pub fn check(&self) -> Result<(), String> {
+        if self.cold_retention < self.history_retention {
+            return Err(format!(
+                "--cold-retention ({}) must be at least --history-retention ({}): it is the age past \
+                 which history is deleted, and every point is kept for --history-retention",
+                in_whole_units(self.cold_retention),
+                in_whole_units(self.history_retention),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `40d` rather than humantime's `1month 9days 13h 26m 24s` (it counts a month as 30.44 days).
+fn in_whole_units(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        s if s > 0 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s > 0 && s % 3_600 == 0 => format!("{}h", s / 3_600),
+        _ => humantime::format_duration(d).to_string(),
+    }
+}
+
+/// A simplification tolerance in metres: the track endpoint's `simplify_m` range.
+fn parse_tolerance_m(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(m) if (0.0..=100_000.0).contains(&m) => Ok(m),
+        _ => Err("expected a number of metres from 0 to 100000, such as 5".into()),
+    }
+}
+
+impl Cli {
+    /// Checks what clap cannot (settings that must agree with each other); the message names the
+    /// flags.
+    pub fn check(&self) -> Result<(), String> {
+        match &self.command {
+            Command::Serve(config) => config.retention.check(),
+            Command::Worker(config) => config.retention.check(),
+            Command::Simulate(_) | Command::Keys(_) => Ok(()),
+        }
+    }
 }
 
 /// OpenStreetMap's standard tiles.
@@ -463,9 +509,13 @@ fn parse_fsync(text: &str) -> Result<FsyncSetting, String> {
     if text == "off" {
         return Ok(FsyncSetting::Off);
     }
+    if text != "always" && !text.starts_with("interval:") {
+        return Err("expected always, interval:<duration> (e.g. interval:100ms) or off".into());
+    }
+    // What is left to go wrong is the interval, which the policy's own error names.
     text.parse::<FsyncPolicy>()
         .map(FsyncSetting::Log)
-        .map_err(|e| format!("{e} (expected always, interval:<duration> or off)"))
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, Args)]
@@ -546,6 +596,62 @@ mod tests {
         assert_eq!(c.retention.cold_retention, Duration::from_secs(90 * 86_400));
         assert_eq!(c.retention.cold_simplify_m, 5.0);
         assert_eq!(c.tile_url, DEFAULT_TILE_URL);
+    }
+
+    fn serve_check(args: &[&str]) -> Result<(), String> {
+        let argv = ["fleettracker", "serve"].iter().chain(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        cli.check()
+    }
+
+    #[test]
+    fn retention_settings_must_agree() {
+        assert_eq!(serve_check(&[]), Ok(()));
+        assert_eq!(
+            serve_check(&["--history-retention", "7d", "--cold-retention", "7d"]),
+            Ok(())
+        );
+        let shorter = serve_check(&["--history-retention", "40d", "--cold-retention", "10d"]);
+        let message = shorter.expect_err("cold shorter than hot");
+        assert!(
+            message.contains("--cold-retention (10d)")
+                && message.contains("--history-retention (40d)"),
+            "{message}"
+        );
+        let worker = Cli::try_parse_from([
+            "fleettracker",
+            "worker",
+            "--redis-url",
+            "redis://a:1",
+            "--postgres-url",
+            "postgres://p@h/db",
+            "--cold-retention",
+            "36h",
+        ])
+        .unwrap();
+        let message = worker.check().expect_err("the worker checks the same");
+        assert!(
+            message.contains("(36h)") && message.contains("(30d)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn cold_simplify_m_is_a_tolerance_in_metres() {
+        assert_eq!(serve_check(&["--cold-simplify-m", "0"]), Ok(()));
+        for bad in ["-3", "nan", "inf", "100001", "five"] {
+            let e = serve_check(&[&format!("--cold-simplify-m={bad}")]).expect_err(bad);
+            assert!(e.contains("metres from 0 to 100000"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn fsync_errors_say_what_is_expected_once() {
+        let e = serve_check(&["--fsync", "sometimes"]).expect_err("not a policy");
+        assert!(e.contains("expected always, interval:<duration>"), "{e}");
+        assert_eq!(e.matches("expected").count(), 1, "{e}");
+        let e = serve_check(&["--fsync", "interval:abc"]).expect_err("not a duration");
+        assert!(e.contains("invalid fsync interval \"abc\""), "{e}");
     }
 
     #[test]

@@ -1,11 +1,16 @@
 //! The `fleettracker` binary: parses the command line and hands over. Wiring only.
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use fleettracker::config::{Cli, Command};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(message) = cli.check() {
+        Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, message)
+            .exit();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
