@@ -63,6 +63,33 @@ pub fn json_error(e: serde_json::Error, body: &[u8]) -> ApiError {
     ApiError::MalformedJson(format!("request body is not valid JSON: {syntax}"))
 }
 
+/// Decodes a JSON object (every body and message the API takes is one) as `T`. A valid document that
+/// is not an object is refused saying what it is: serde would otherwise read an array as the
+/// struct's fields in order (`["a", 1, 2]` as a position) or answer in words about our types.
+pub fn decode_object<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if let Some(kind) = not_an_object(body) {
+        if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+            return Err(ApiError::validation(
+                format!("request body must be a JSON object, got {kind}"),
+                vec![],
+            ));
+        }
+    }
+    serde_json::from_slice(body).map_err(|e| json_error(e, body))
+}
+
+/// What a document that does not start with `{` is, if it is valid JSON at all.
+fn not_an_object(body: &[u8]) -> Option<&'static str> {
+    match body.iter().find(|b| !b.is_ascii_whitespace())? {
+        b'{' => None,
+        b'[' => Some("an array"),
+        b'"' => Some("a string"),
+        b't' | b'f' => Some("a boolean"),
+        b'n' => Some("null"),
+        _ => Some("a number"),
+    }
+}
+
 /// Deepest JSON nesting accepted. Our documents are at most a few levels deep; a limit far below
 /// the parser's own keeps unknown fields (which are skipped, not parsed into values) from being a
 /// way to make the server walk arbitrarily deep structures.
@@ -138,9 +165,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         }
         let bytes = read_body(req).await?;
         check_depth(&bytes)?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| json_error(e, &bytes))
+        decode_object(&bytes).map(JsonBody)
     }
 }
 

@@ -16,7 +16,7 @@
 
 use super::auth::{verify_signature, Caller};
 use super::error::ApiError;
-use super::extract::{json_error, MAX_BODY_BYTES};
+use super::extract::{decode_object, MAX_BODY_BYTES};
 use super::locations::{check_batch, summary, BatchInput, Rejected};
 use super::socket::{self, ErrorMessage, Strikes};
 use super::AppState;
@@ -141,13 +141,12 @@ async fn run(mut socket: WebSocket, state: AppState, caller: Principal) {
 async fn report(state: &AppState, caller: &Principal, text: &str) -> Result<IngestAck, ApiError> {
     let received_at = now_micros();
     super::extract::check_depth(text.as_bytes())?;
-    let batch: BatchInput = serde_json::from_str(text).map_err(|e| message_error(e, text))?;
+    let batch: BatchInput = decode_object(text.as_bytes()).map_err(as_message_error)?;
     let (positions, mut rejected) = if batch.locations.is_some() {
         let checked = check_batch(batch, received_at)?;
         (checked.positions, checked.rejected)
     } else {
-        let input: PositionInput =
-            serde_json::from_str(text).map_err(|e| message_error(e, text))?;
+        let input: PositionInput = decode_object(text.as_bytes()).map_err(as_message_error)?;
         match validate_position(&input, received_at) {
             Ok(position) => (vec![(0, position)], Vec::new()),
             Err(errors) => {
@@ -180,9 +179,9 @@ async fn report(state: &AppState, caller: &Principal, text: &str) -> Result<Inge
 
 /// The HTTP API's JSON error (400-like `malformed_json` or 422-like `validation_failed`), worded
 /// for a message rather than a request body.
-fn message_error(e: serde_json::Error, text: &str) -> ApiError {
+fn as_message_error(error: ApiError) -> ApiError {
     let reword = |m: String| m.replacen("request body", "message", 1);
-    match json_error(e, text.as_bytes()) {
+    match error {
         ApiError::MalformedJson(m) => ApiError::MalformedJson(reword(m)),
         ApiError::Validation { message, details } => ApiError::Validation {
             message: reword(message),
@@ -254,5 +253,9 @@ mod tests {
             e.to_string().starts_with("message is not valid JSON"),
             "{e}"
         );
+        // An array would otherwise be read as a position's fields in order.
+        let e = report(&state, &caller, r#"["x", 1, 2]"#).await.unwrap_err();
+        assert_eq!(e.to_string(), "message must be a JSON object, got an array");
+        assert_eq!(t.updates_total(), 2, "nothing applied");
     }
 }

@@ -183,8 +183,7 @@ pub(super) async fn admit_batch(
 /// field validation), without applying it: the entry point of the fuzz target and property tests.
 pub fn decode_single(body: &[u8], received_at: Micros) -> Result<Position, ApiError> {
     super::extract::check_depth(body)?;
-    let input: PositionInput =
-        serde_json::from_slice(body).map_err(|e| super::extract::json_error(e, body))?;
+    let input: PositionInput = super::extract::decode_object(body)?;
     validate_position(&input, received_at)
         .map_err(|errors| ApiError::validation(summary(&errors), errors))
 }
@@ -193,8 +192,7 @@ pub fn decode_single(body: &[u8], received_at: Micros) -> Result<Position, ApiEr
 /// [`decode_single`]).
 pub fn decode_batch(body: &[u8], received_at: Micros) -> Result<CheckedBatch, ApiError> {
     super::extract::check_depth(body)?;
-    let input: BatchInput =
-        serde_json::from_slice(body).map_err(|e| super::extract::json_error(e, body))?;
+    let input: BatchInput = super::extract::decode_object(body)?;
     check_batch(input, received_at)
 }
 

@@ -30,6 +30,34 @@ async fn malformed_json_is_400() {
     assert_eq!(json(s.get("/v1/stats").await).await["updates_total"], 0);
 }
 
+/// Valid JSON that is not an object is a 422 saying what it got (not serde's words about our types,
+/// nor an array read as a position's fields in order), and nothing is applied.
+#[tokio::test]
+async fn a_body_that_is_not_an_object_says_what_it_is() {
+    let s = Server::start();
+    for (path, body, kind) in [
+        ("/v1/locations/batch", "[]", "an array"),
+        ("/v1/locations", " [{\"driver_id\":\"a\"}]", "an array"),
+        // serde reads an array as a struct's fields in order: this was taken as a position.
+        ("/v1/locations", "[\"drv-x\", 31.2, 121.4]", "an array"),
+        ("/v1/locations", "\"text\"", "a string"),
+        ("/v1/locations", "42", "a number"),
+        ("/v1/locations/batch", "null", "null"),
+        ("/v1/locations", "true", "a boolean"),
+    ] {
+        let r = s
+            .post_raw(path, Some("application/json"), body.as_bytes().to_vec())
+            .await;
+        let error = assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+        assert_eq!(
+            error["error"]["message"],
+            format!("request body must be a JSON object, got {kind}"),
+            "{body}"
+        );
+    }
+    assert_eq!(json(s.get("/v1/stats").await).await["updates_total"], 0);
+}
+
 #[tokio::test]
 async fn validation_errors_are_422_with_one_detail_per_field() {
     let s = Server::start();
