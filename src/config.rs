@@ -5,7 +5,8 @@ use crate::trust::filters::{kmh_to_mps, SanityFilters};
 use crate::trust::keys::Role;
 use crate::trust::limiter::LimitConfig;
 use crate::wal::FsyncPolicy;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -469,6 +470,28 @@ impl Cli {
             Command::Worker(config) => config.retention.check(),
             Command::Simulate(_) | Command::Keys(_) => Ok(()),
         }
+    }
+
+    /// Parses the command line and runs [`Cli::check`]; exits like clap does (status 2, the
+    /// subcommand's usage) when either fails.
+    pub fn parse_checked() -> Cli {
+        let cli = Cli::parse();
+        if let Err(message) = cli.check() {
+            let mut command = Cli::command();
+            command.build(); // names the subcommands' usage "fleettracker serve", not "serve"
+            let name = match &cli.command {
+                Command::Serve(_) => "serve",
+                Command::Worker(_) => "worker",
+                Command::Simulate(_) => "simulate",
+                Command::Keys(_) => "keys",
+            };
+            let error = match command.find_subcommand_mut(name) {
+                Some(sub) => sub.error(ErrorKind::ArgumentConflict, message),
+                None => command.error(ErrorKind::ArgumentConflict, message),
+            };
+            error.exit();
+        }
+        cli
     }
 }
 

@@ -1,16 +1,10 @@
 //! The `fleettracker` binary: parses the command line and hands over. Wiring only.
 
-use clap::{CommandFactory, Parser};
 use fleettracker::config::{Cli, Command};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Err(message) = cli.check() {
-        Cli::command()
-            .error(clap::error::ErrorKind::ArgumentConflict, message)
-            .exit();
-    }
+    let cli = Cli::parse_checked();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -243,7 +243,10 @@ pub async fn track(
     let mut stored = query.clone();
     stored.driver_id = crate::domain::tenant::internal(&caller.tenant, &query.driver_id).into();
     let page = state.tracker.track(stored).await?;
-    let link = (page.next_cursor.as_deref()).map(|c| next_link(uri.path(), &query, &shape, c));
+    let link = page
+        .next_cursor
+        .as_deref()
+        .map(|c| next_link(uri.path(), &query, &shape, c));
     // The cursor names the stored (tenant's) id; the answer shows the tenant's own.
     query.driver_id = crate::domain::tenant::external(&query.driver_id).to_string();
     let coords: Vec<(i32, i32)> = page.points.iter().map(|p| (p.lat_e6, p.lon_e6)).collect();

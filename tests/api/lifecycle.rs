@@ -127,6 +127,34 @@ fn bad_flags_fail_with_a_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--driver-ttl"));
 }
 
+/// Flags that contradict each other stop start-up (status 2, like clap's own errors) before the
+/// server touches its data directory.
+#[test]
+fn contradictory_retention_flags_stop_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleettracker"))
+        .args([
+            "serve",
+            "--history-retention",
+            "40d",
+            "--cold-retention",
+            "10d",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--cold-retention (10d) must be at least --history-retention (40d)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Usage: fleettracker serve"), "{stderr}");
+    assert!(!data.exists(), "nothing was created");
+}
+
 #[test]
 fn data_dir_is_created() {
     let parent = tempfile::tempdir().unwrap();
