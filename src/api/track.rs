@@ -10,7 +10,9 @@ use super::drivers::check_driver_id;
 use super::error::ApiError;
 use super::extract::QueryParams;
 use super::AppState;
-use crate::domain::{format_rfc3339, now_micros, parse_rfc3339, FieldError, Micros, Status};
+use crate::domain::{
+    format_rfc3339, now_micros, parse_rfc3339_in_query, FieldError, Micros, Status,
+};
 use crate::geo::{simplify_indices, track_distance_m};
 use crate::history::{format as track_format, TrackPoint, TrackQuery};
 use axum::extract::{OriginalUri, Path, State};
@@ -115,7 +117,7 @@ fn time_param(
 ) -> Micros {
     match value {
         None => default,
-        Some(text) => parse_rfc3339(text).unwrap_or_else(|| {
+        Some(text) => parse_rfc3339_in_query(text).unwrap_or_else(|| {
             errors.push(FieldError::new(name, "must be an RFC 3339 date-time"));
             default
         }),

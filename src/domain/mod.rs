@@ -12,4 +12,4 @@ pub use position::{
     validate_position, DriverId, FieldError, Position, PositionInput, Status, StatusSet,
     MAX_DRIVER_ID_LEN, MAX_FUTURE_SKEW_MICROS,
 };
-pub use time::{format_rfc3339, now_micros, parse_rfc3339, Micros};
+pub use time::{format_rfc3339, now_micros, parse_rfc3339, parse_rfc3339_in_query, Micros};

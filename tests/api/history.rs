@@ -140,6 +140,26 @@ async fn paging_with_cursor_returns_every_point_once() {
     assert_eq!(detail_fields(&body), ["cursor"]);
 }
 
+/// `from=...+08:00` typed into a URL unencoded arrives as a space before `08:00`: read as the `+`.
+#[tokio::test]
+async fn an_unencoded_plus_offset_in_the_window_is_understood() {
+    let s = Server::start();
+    report_track(&s, "plus", 0..10).await; // t0() .. t0() + 18 s
+    let east = |micros: i64| {
+        let t = chrono::DateTime::from_timestamp_micros(micros).unwrap();
+        let offset = chrono::FixedOffset::east_opt(8 * 3600).unwrap();
+        t.with_timezone(&offset)
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, false)
+    };
+    let (from, to) = (east(t0() + 4_000_000), east(t0() + 10_000_000));
+    assert!(from.contains('+'), "{from}");
+    let r = s
+        .get(&format!("/v1/drivers/plus/track?from={from}&to={to}"))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(timestamps(&json(r).await).len(), 4, "points 2, 3, 4 and 5");
+}
+
 /// The path and query of a `Link: <…>; rel="next"` header.
 fn next_link(header: &str) -> String {
     let inner = header
