@@ -281,6 +281,11 @@ pub struct ServeConfig {
     #[arg(long, env = "FLEET_TILE_URL", default_value = DEFAULT_TILE_URL, value_parser = parse_tile_url)]
     pub tile_url: String,
 
+    /// Origins whose browser apps may call the API (CORS), e.g. https://dispatch.example.com;
+    /// comma-separated or repeated, `*` for any. None by default: no CORS headers are sent.
+    #[arg(long, env = "FLEET_CORS_ORIGIN", value_delimiter = ',', value_parser = parse_origin)]
+    pub cors_origin: Vec<String>,
+
     #[command(flatten)]
     pub connections: ConnectionLimits,
 
@@ -499,6 +504,24 @@ impl Cli {
 pub const DEFAULT_TILE_URL: &str = "https://tile.openstreetmap.org/{z}/{x}/{y}.png";
 
 /// A tile URL template: `none`, or an http(s) URL (or an absolute path) with `{z}`, `{x}`, `{y}`.
+/// `*`, or an origin as browsers send it: `http(s)://host[:port]`, no path, no trailing slash.
+fn parse_origin(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let host = text
+        .strip_prefix("https://")
+        .or_else(|| text.strip_prefix("http://"));
+    let valid = |h: &str| {
+        !h.is_empty()
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+    };
+    match host {
+        _ if text == "*" => Ok(text.to_string()),
+        Some(h) if valid(h) => Ok(text.to_string()),
+        _ => Err("expected `*` or an origin such as https://dispatch.example.com (scheme and host, optional port, no path)".into()),
+    }
+}
+
 fn parse_tile_url(text: &str) -> Result<String, String> {
     let text = text.trim();
     if text == "none" {
@@ -665,6 +688,41 @@ mod tests {
         for bad in ["-3", "nan", "inf", "100001", "five"] {
             let e = serve_check(&[&format!("--cold-simplify-m={bad}")]).expect_err(bad);
             assert!(e.contains("metres from 0 to 100000"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn cors_origins_are_origins() {
+        let cli = Cli::try_parse_from([
+            "fleettracker",
+            "serve",
+            "--cors-origin",
+            "https://a.example,http://localhost:3000",
+            "--cors-origin",
+            "http://[::1]:8000",
+        ])
+        .unwrap();
+        let Command::Serve(c) = cli.command else {
+            panic!("serve expected")
+        };
+        assert_eq!(
+            c.cors_origin,
+            [
+                "https://a.example",
+                "http://localhost:3000",
+                "http://[::1]:8000"
+            ]
+        );
+        assert_eq!(serve_check(&["--cors-origin", "*"]), Ok(()));
+        for bad in [
+            "a.example",
+            "https://a.example/",
+            "ftp://a",
+            "https://",
+            "https://a b",
+        ] {
+            let e = serve_check(&["--cors-origin", bad]).expect_err(bad);
+            assert!(e.contains("expected `*` or an origin"), "{bad}: {e}");
         }
     }
 

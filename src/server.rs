@@ -77,6 +77,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         tracker.clone(),
         trust.clone(),
         api::map::MapSettings::new(&config.tile_url),
+        api::cors::layer(&config.cors_origin),
     );
     endpoint.serve(listener, app, shutdown).await;
     // WebSocket streams and device connections outlive their requests; draining told them to

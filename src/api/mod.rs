@@ -4,6 +4,7 @@
 
 pub mod anomalies;
 pub mod auth;
+pub mod cors;
 pub mod docs;
 pub mod drivers;
 pub mod error;
@@ -23,6 +24,8 @@ use crate::tracker::Tracker;
 use axum::routing::{get, post};
 use axum::Router;
 use std::sync::Arc;
+use tower::util::Either;
+use tower_http::cors::{Cors, CorsLayer};
 use utoipa_swagger_ui::SwaggerUi;
 
 /// What every handler gets.
@@ -34,10 +37,16 @@ pub struct AppState {
 
 /// The whole application behind its trust gate, ready to serve. The gate wraps the router once: a
 /// route layer would be cloned and dropped with its route on every request.
-pub type App = observe::Observe<auth::Gate<Router>>;
+pub type App = observe::Observe<Either<Cors<auth::Gate<Router>>, auth::Gate<Router>>>;
 
-/// The whole application; `map` configures the live map page at `/`.
-pub fn router_with(tracker: Arc<Tracker>, trust: Arc<auth::Trust>, map: map::MapSettings) -> App {
+/// The whole application; `map` configures the live map page at `/`, `cors` cross-origin access
+/// (see [`cors`]).
+pub fn router_with(
+    tracker: Arc<Tracker>,
+    trust: Arc<auth::Trust>,
+    map: map::MapSettings,
+    cors: Option<CorsLayer>,
+) -> App {
     let state = AppState { tracker, trust };
     let api = Router::new()
         .route("/v1/locations", post(locations::post_location))
@@ -66,5 +75,6 @@ pub fn router_with(tracker: Arc<Tracker>, trust: Arc<auth::Trust>, map: map::Map
         metrics: state.tracker.metrics().clone(),
     };
     let gated = tower::Layer::layer(&auth::TrustLayer { state }, router);
-    tower::Layer::layer(&observe, gated)
+    let shared = tower::Layer::layer(&tower::util::option_layer(cors), gated);
+    tower::Layer::layer(&observe, shared)
 }

@@ -677,3 +677,85 @@ async fn tenants_are_isolated_on_sse_device_sockets_and_anomalies() {
     let acme = json(get(&s, &acme_reader, "/v1/anomalies").await).await;
     assert_eq!(acme["anomalies"], json!([]), "{acme}");
 }
+
+/// `--cors-origin`: a browser app on an allowed origin gets its preflight answered without a key
+/// (browsers send none), and every answer, errors included, carries the CORS headers; the key is
+/// still checked on the real request. Other origins, and servers without the flag, get none.
+#[tokio::test]
+async fn cors_lets_the_named_origins_in_and_still_checks_keys() {
+    let keys = Keys::new();
+    let (reader, _) = keys.create("acme", "reader", &[]);
+    let dispatch = "https://dispatch.example";
+    let s = keys.serve(&["--cors-origin", dispatch]);
+    let client = reqwest::Client::new();
+    let preflight = |origin: &'static str, url: String| {
+        client
+            .request(reqwest::Method::OPTIONS, url)
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+    };
+    let r = preflight(dispatch, s.url("/v1/stats"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let header = |r: &reqwest::Response, name: &str| {
+        r.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_ascii_lowercase())
+    };
+    assert_eq!(
+        header(&r, "access-control-allow-origin").as_deref(),
+        Some(dispatch)
+    );
+    let allowed = header(&r, "access-control-allow-headers").unwrap_or_default();
+    assert!(
+        allowed.contains("authorization") && allowed.contains("idempotency-key"),
+        "{allowed}"
+    );
+
+    let get = |origin: &'static str| client.get(s.url("/v1/stats")).header("origin", origin);
+    let r = get(dispatch).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::UNAUTHORIZED,
+        "the key is still required"
+    );
+    assert_eq!(
+        header(&r, "access-control-allow-origin").as_deref(),
+        Some(dispatch)
+    );
+    let r = auth(get(dispatch), &reader).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        header(&r, "access-control-allow-origin").as_deref(),
+        Some(dispatch)
+    );
+    let exposed = header(&r, "access-control-expose-headers").unwrap_or_default();
+    assert!(
+        exposed.contains("x-request-id") && exposed.contains("link"),
+        "{exposed}"
+    );
+
+    let r = auth(get("https://evil.example"), &reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "access-control-allow-origin"), None);
+
+    let plain = Server::start();
+    let r = preflight(dispatch, plain.url("/v1/stats"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::METHOD_NOT_ALLOWED,
+        "no CORS without the flag"
+    );
+    assert_eq!(header(&r, "access-control-allow-origin"), None);
+}
