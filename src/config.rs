@@ -503,7 +503,6 @@ impl Cli {
 /// OpenStreetMap's standard tiles.
 pub const DEFAULT_TILE_URL: &str = "https://tile.openstreetmap.org/{z}/{x}/{y}.png";
 
-/// A tile URL template: `none`, or an http(s) URL (or an absolute path) with `{z}`, `{x}`, `{y}`.
 /// `*`, or an origin as browsers send it: `http(s)://host[:port]`, no path, no trailing slash.
 fn parse_origin(text: &str) -> Result<String, String> {
     let text = text.trim();
@@ -522,6 +521,7 @@ fn parse_origin(text: &str) -> Result<String, String> {
     }
 }
 
+/// A tile URL template: `none`, or an http(s) URL (or an absolute path) with `{z}`, `{x}`, `{y}`.
 fn parse_tile_url(text: &str) -> Result<String, String> {
     let text = text.trim();
     if text == "none" {
