@@ -458,12 +458,10 @@ fn in_whole_units(d: Duration) -> String {
     }
 }
 
-/// A simplification tolerance in metres: the track endpoint's `simplify_m` range.
+/// A simplification tolerance in metres, in the range the track endpoint's `simplify_m` takes.
 fn parse_tolerance_m(text: &str) -> Result<f64, String> {
-    match text.trim().parse::<f64>() {
-        Ok(m) if (0.0..=100_000.0).contains(&m) => Ok(m),
-        _ => Err("expected a number of metres from 0 to 100000, such as 5".into()),
-    }
+    crate::geo::parse_tolerance_m(text)
+        .ok_or_else(|| format!("expected {}, such as 5", crate::geo::TOLERANCE_EXPECTED))
 }
 
 impl Cli {

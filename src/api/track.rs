@@ -13,7 +13,7 @@ use super::AppState;
 use crate::domain::{
     format_rfc3339, now_micros, parse_rfc3339_in_query, FieldError, Micros, Status,
 };
-use crate::geo::{simplify_indices, track_distance_m};
+use crate::geo::{parse_tolerance_m, simplify_indices, track_distance_m, TOLERANCE_EXPECTED};
 use crate::history::{format as track_format, TrackPoint, TrackQuery};
 use axum::extract::{OriginalUri, Path, State};
 use axum::http::header::{CONTENT_TYPE, LINK};
@@ -143,13 +143,13 @@ impl TrackParams {
                 DEFAULT_TRACK_LIMIT
             }
         };
-        let simplify_m = match self.simplify_m.as_deref().map(|t| t.trim().parse::<f64>()) {
+        let simplify_m = match self.simplify_m.as_deref().map(parse_tolerance_m) {
             None => None,
-            Some(Ok(m)) if (0.0..=100_000.0).contains(&m) => Some(m),
-            Some(_) => {
+            Some(Some(m)) => Some(m),
+            Some(None) => {
                 errors.push(FieldError::new(
                     "simplify_m",
-                    "must be a number of metres from 0 to 100000",
+                    format!("must be {TOLERANCE_EXPECTED}"),
                 ));
                 None
             }

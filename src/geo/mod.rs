@@ -9,7 +9,10 @@ mod grid;
 mod simplify;
 
 pub use grid::{Block, Cell, CellBounds, Grid, BLOCK_LEVELS, CELL_E6, GRID_COLS, GRID_ROWS};
-pub use simplify::{distance_to_segment_m, simplify_indices, track_distance_m};
+pub use simplify::{
+    distance_to_segment_m, parse_tolerance_m, simplify_indices, track_distance_m,
+    TOLERANCE_EXPECTED,
+};
 
 /// Mean Earth radius (IUGG), in metres.
 pub const EARTH_RADIUS_M: f64 = 6_371_008.8;

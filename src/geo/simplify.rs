@@ -10,6 +10,17 @@
 
 use super::{distance_m, EARTH_RADIUS_M};
 
+/// The tolerances accepted, in metres (a track query's `simplify_m`, `--cold-simplify-m`), and what
+/// to say of any other.
+const TOLERANCE_RANGE_M: std::ops::RangeInclusive<f64> = 0.0..=100_000.0;
+pub const TOLERANCE_EXPECTED: &str = "a number of metres from 0 to 100000";
+
+/// A tolerance in metres from text, if it is a number in [`TOLERANCE_RANGE_M`].
+pub fn parse_tolerance_m(text: &str) -> Option<f64> {
+    let m = text.trim().parse::<f64>().ok()?;
+    TOLERANCE_RANGE_M.contains(&m).then_some(m)
+}
+
 /// Indices of the points a Douglas–Peucker simplification with `tolerance_m` keeps, ascending. The
 /// first and last points are always kept; every dropped point lies within `tolerance_m` of the
 /// segment between the kept points around it. Points are `(lat_e6, lon_e6)`.
