@@ -20,6 +20,7 @@
 //! positions get their tenant's internal ids ([`crate::domain::tenant`]).
 
 use super::error::ApiError;
+use super::write_guard::IDEMPOTENCY_KEY;
 use super::AppState;
 use crate::domain::{now_micros, tenant, DriverId, FieldError, Position};
 use crate::trust::anomalies::{Anomaly, AnomalyLog};
@@ -440,9 +441,6 @@ pub struct Gate<S> {
 }
 
 type Slow = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
-
-static IDEMPOTENCY_KEY: axum::http::HeaderName =
-    axum::http::HeaderName::from_static("idempotency-key");
 
 impl<S, B> Service<axum::http::Request<B>> for Gate<S>
 where

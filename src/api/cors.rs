@@ -10,6 +10,8 @@
 //! `X-Signature-Timestamp`), and the response headers a client reads exposed (`X-Request-ID`, `Link`,
 //! `Retry-After`, `Idempotent-Replayed`).
 
+use super::observe::REQUEST_ID;
+use super::write_guard::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 use axum::http::{HeaderName, HeaderValue, Method};
 use std::time::Duration;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -36,16 +38,16 @@ pub fn layer(origins: &[String]) -> Option<CorsLayer> {
             .allow_headers([
                 axum::http::header::AUTHORIZATION,
                 axum::http::header::CONTENT_TYPE,
-                header("idempotency-key"),
-                header("x-request-id"),
+                IDEMPOTENCY_KEY.clone(),
+                REQUEST_ID.clone(),
                 header(crate::trust::signing::SIGNATURE_HEADER),
                 header(crate::trust::signing::TIMESTAMP_HEADER),
             ])
             .expose_headers([
-                header("x-request-id"),
+                REQUEST_ID.clone(),
                 axum::http::header::LINK,
                 axum::http::header::RETRY_AFTER,
-                header("idempotent-replayed"),
+                IDEMPOTENT_REPLAYED.clone(),
             ])
             .max_age(PREFLIGHT_MAX_AGE),
     )

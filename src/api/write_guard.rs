@@ -21,11 +21,16 @@ use crate::trust::idempotency::{fingerprint, is_storable, parse_key, Begin, Stor
 use crate::trust::keys::Principal;
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderValue, Method};
+use axum::http::{HeaderName, HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
 use std::convert::Infallible;
 use std::time::Instant;
 use tower::Service;
+
+/// The request header naming a retry-safe POST.
+pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// The response header marking an answer replayed from the idempotency cache.
+pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// Largest answer kept for replay (ours are small JSON documents).
 const MAX_STORED_BODY: usize = 256 * 1024;
@@ -42,7 +47,7 @@ where
         return Ok(run(&mut next, request).await);
     }
     let caller = request.extensions().get::<Principal>().cloned();
-    let idempotency_key = match request.headers().get("idempotency-key") {
+    let idempotency_key = match request.headers().get(&IDEMPOTENCY_KEY) {
         None => None,
         Some(value) => Some(
             parse_key(value.as_bytes())
@@ -123,8 +128,9 @@ fn replay(stored: &StoredResponse) -> Response {
             response.headers_mut().insert(name, value);
         }
     }
-    response
-        .headers_mut()
-        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    response.headers_mut().insert(
+        IDEMPOTENT_REPLAYED.clone(),
+        HeaderValue::from_static("true"),
+    );
     response.into_response()
 }
