@@ -58,6 +58,8 @@ enum Format {
 }
 
 impl Format {
+    const ALL: [Format; 3] = [Format::Json, Format::GeoJson, Format::Gpx];
+
     fn name(self) -> &'static str {
         match self {
             Format::Json => "json",
@@ -154,11 +156,11 @@ impl TrackParams {
                 None
             }
         };
-        let format = match self.format.as_deref() {
-            None | Some("json") => Format::Json,
-            Some("geojson") => Format::GeoJson,
-            Some("gpx") => Format::Gpx,
-            Some(_) => {
+        let named = |text| Format::ALL.into_iter().find(|f| f.name() == text);
+        let format = match self.format.as_deref().map(named) {
+            None => Format::Json,
+            Some(Some(format)) => format,
+            Some(None) => {
                 errors.push(FieldError::new(
                     "format",
                     "must be one of json, geojson, gpx",
